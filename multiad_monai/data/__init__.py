@@ -1,0 +1,4 @@
+from .demo import make_demo_dataset
+from .errors import DatasetError
+from .mvtec import check_datalist, mvtec_datalist, split_train_validation
+from .sources import image_folder_datalist, resolve_dataset_dir, synthetic_validation_datalist

@@ -1,0 +1,2 @@
+from .evaluator import MAP_KEY, MASK_KEY, NAME_KEY, SCORE_KEY, AnomalyEvaluator
+from .trainer import TEACHER_FEATURES_KEY, MultiADTrainer, loss_terms

@@ -1,0 +1,110 @@
+"""Evaluation on ignite: anomaly maps and image scores for every batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from ignite.metrics import Metric
+from monai.engines import Evaluator
+from monai.engines.utils import default_metric_cmp_fn
+from monai.inferers import Inferer
+from monai.utils import CommonKeys as Keys
+
+from multiad_monai.engines.trainer import _to_device
+from multiad_monai.inferers.anomaly_map import image_score
+
+__all__ = ["AnomalyEvaluator", "MAP_KEY", "SCORE_KEY", "MASK_KEY", "NAME_KEY"]
+
+MAP_KEY, SCORE_KEY, MASK_KEY, NAME_KEY = "anomaly_map", "score", "mask", "name"
+
+
+def batch_names(batchdata: dict, image_key: str = Keys.IMAGE, name_key: str = NAME_KEY) -> list[str] | None:
+    """Per-sample names of a collated batch: the datalist's ``name`` or the image file names from MONAI meta data."""
+    if name_key in batchdata:
+        return list(batchdata[name_key])
+    meta = getattr(batchdata.get(image_key), "meta", None) or {}
+    names = meta.get("filename_or_obj")
+    return None if names is None else [str(n) for n in names]
+
+
+class AnomalyEvaluator(Evaluator):
+    """Runs a :class:`~multiad_monai.networks.MultiAD` network over a loader and outputs maps and scores.
+
+    Args:
+        device: torch device.
+        val_data_loader: batches of dicts with ``image`` ``(B, C, H, W[, D])`` and optionally ``label``
+            ``(B,)`` (0 normal, 1 anomalous), ``mask`` ``(B, 1, H, W[, D])`` and ``name``.
+        network: returns anomaly maps ``(B, 1, H, W[, D])`` for images.
+        score_mode: ``"max"`` or ``"topk"`` (mean of the top ``topk_ratio`` of pixels): image score from the map.
+        inferer: optional MONAI inferer (e.g. ``SlidingWindowInferer`` for large images); default a plain call.
+        channels_last: run in channels-last memory format (faster on CPU).
+        epoch_length, non_blocking, postprocessing, key_val_metric, additional_metrics, metric_cmp_fn,
+        val_handlers, amp, decollate: as in :class:`monai.engines.SupervisedEvaluator`.
+
+    ``engine.state.output``: ``image``, ``anomaly_map`` ``(B, 1, ...)``, ``score`` ``(B,)``, and ``label``,
+    ``mask``, ``name`` when the batch has them, all on the CPU.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        val_data_loader: Any,
+        network: torch.nn.Module,
+        score_mode: str = "max",
+        topk_ratio: float = 0.01,
+        inferer: Inferer | None = None,
+        image_key: str = Keys.IMAGE,
+        label_key: str = Keys.LABEL,
+        mask_key: str = MASK_KEY,
+        channels_last: bool = True,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        postprocessing: Callable | None = None,
+        key_val_metric: dict[str, Metric] | None = None,
+        additional_metrics: dict[str, Metric] | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        val_handlers: Sequence | None = None,
+        amp: bool = False,
+        decollate: bool = False,
+    ) -> None:
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            postprocessing=postprocessing,
+            key_val_metric=key_val_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            val_handlers=val_handlers,
+            amp=amp,
+            decollate=decollate,
+        )
+        if channels_last:
+            network.to(memory_format=torch.channels_last)
+        self.network = network
+        self.inferer = inferer
+        self.score_mode = score_mode
+        self.topk_ratio = topk_ratio
+        self.image_key, self.label_key, self.mask_key = image_key, label_key, mask_key
+        self.channels_last = channels_last
+
+    def _iteration(self, engine: AnomalyEvaluator, batchdata: dict[str, Any]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        images = _to_device(batchdata[engine.image_key], engine.state.device, engine.non_blocking, engine.channels_last)
+        with engine.mode(engine.network), torch.inference_mode():
+            maps = engine.inferer(images, engine.network) if engine.inferer is not None else engine.network(images)
+            scores = image_score(maps, engine.score_mode, engine.topk_ratio)
+        output = {Keys.IMAGE: images.cpu(), MAP_KEY: maps.cpu(), SCORE_KEY: scores.cpu()}
+        if engine.label_key in batchdata:
+            output[Keys.LABEL] = torch.as_tensor(batchdata[engine.label_key]).reshape(-1).cpu()
+        if engine.mask_key in batchdata:
+            output[MASK_KEY] = torch.as_tensor(batchdata[engine.mask_key]).cpu()
+        names = batch_names(batchdata, engine.image_key)
+        if names is not None:
+            output[NAME_KEY] = names
+        engine.state.output = output
+        return output

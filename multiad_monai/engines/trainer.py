@@ -1,0 +1,184 @@
+"""Multi-AD training on ignite: one student distillation step and one discriminator step per iteration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from ignite.metrics import Metric
+from monai.data import MetaTensor
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.utils import CommonKeys as Keys
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from multiad_monai.losses import CosineDistillationLoss, DiscriminatorLoss, StudentAdversarialLoss
+from multiad_monai.networks.multiad import MultiAD
+
+__all__ = ["MultiADTrainer", "TEACHER_FEATURES_KEY", "loss_terms"]
+
+TEACHER_FEATURES_KEY = "teacher_features"
+
+
+def _to_device(data: Any, device: torch.device, non_blocking: bool, channels_last: bool) -> Any:
+    if isinstance(data, (list, tuple)):
+        return [_to_device(d, device, non_blocking, channels_last) for d in data]
+    # MetaTensor dispatch costs more than the convolutions on CPU: the networks get plain tensors
+    data = data.as_tensor() if isinstance(data, MetaTensor) else torch.as_tensor(data)
+    data = data.to(device, non_blocking=non_blocking).float()
+    if channels_last and data.ndim in (4, 5):
+        data = data.contiguous(memory_format=torch.channels_last if data.ndim == 4 else torch.channels_last_3d)
+    return data
+
+
+LOSS_TERMS = (Keys.LOSS, "distillation_loss", "adversarial_loss", "discriminator_loss")
+
+
+def loss_terms(output: dict) -> dict[str, float]:
+    """The scalar losses of a :class:`MultiADTrainer` iteration output, for ``StatsHandler`` and TensorBoard."""
+    return {key: float(output[key]) for key in LOSS_TERMS if key in output}
+
+
+class MultiADTrainer(Trainer):
+    """Trains the student of a :class:`MultiAD` network to reproduce its frozen teacher, with an adversarial term.
+
+    Each iteration: the student loss ``distillation + adversarial_weight * fool-the-discriminator`` is
+    minimised; then the discriminator is trained on teacher (real) vs detached student (fake) features
+    at the deepest level. Handlers attach as to any MONAI trainer (StatsHandler, CheckpointSaver,
+    ValidationHandler, LrScheduleHandler, ...).
+
+    Args:
+        device: torch device.
+        max_epochs: number of epochs.
+        train_data_loader: batches of dicts holding ``image_key`` ``(B, C, H, W[, D])`` and, when the
+            frozen teacher's features were cached (:class:`multiad_monai.transforms.TeacherFeaturesd`),
+            ``teacher_features_key``: a list of L tensors ``(B, C_i, ...)``.
+        network: the :class:`MultiAD` network.
+        optimizer: optimiser of ``network.student`` parameters.
+        discriminator_optimizer: optimiser of ``network.discriminator``; required when the network has one.
+        distillation_loss: defaults to :class:`CosineDistillationLoss`.
+        adversarial_weight: weight of the student's adversarial loss (0 disables the discriminator).
+        image_key, teacher_features_key: batch keys.
+        channels_last: run convolutions in channels-last memory format (faster on CPU).
+        epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric, additional_metrics,
+        metric_cmp_fn, train_handlers, amp, event_names, event_to_attr, decollate, optim_set_to_none:
+            as in :class:`monai.engines.SupervisedTrainer`.
+
+    ``engine.state.output`` holds ``image``, ``loss`` (student total) and ``distillation_loss``,
+    ``adversarial_loss``, ``discriminator_loss`` as floats.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: MultiAD,
+        optimizer: Optimizer,
+        discriminator_optimizer: Optimizer | None = None,
+        distillation_loss: Callable | None = None,
+        adversarial_weight: float = 0.01,
+        image_key: str = Keys.IMAGE,
+        teacher_features_key: str = TEACHER_FEATURES_KEY,
+        channels_last: bool = True,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        iteration_update: Callable[[Engine, Any], Any] | None = None,
+        postprocessing: Callable | None = None,
+        key_train_metric: dict[str, Metric] | None = None,
+        additional_metrics: dict[str, Metric] | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = False,
+        optim_set_to_none: bool = True,
+    ) -> None:
+        use_discriminator = network.discriminator is not None and adversarial_weight > 0
+        if use_discriminator and discriminator_optimizer is None:
+            raise ValueError("the network has a discriminator and adversarial_weight > 0: give a discriminator_optimizer.")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            amp=amp,
+            event_names=[IterationEvents] + list(event_names or []),
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+        )
+        if channels_last:
+            network.to(memory_format=torch.channels_last)
+        self.network = network
+        self.optimizer = optimizer
+        self.discriminator_optimizer = discriminator_optimizer if use_discriminator else None
+        self.distillation_loss = distillation_loss if distillation_loss is not None else CosineDistillationLoss()
+        self.adversarial_weight = adversarial_weight if use_discriminator else 0.0
+        self.student_adversarial_loss = StudentAdversarialLoss()
+        self.discriminator_loss = DiscriminatorLoss()
+        self.image_key = image_key
+        self.teacher_features_key = teacher_features_key
+        self.channels_last = channels_last
+        self.optim_set_to_none = optim_set_to_none
+
+    def _iteration(self, engine: MultiADTrainer, batchdata: dict[str, Any]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        device, non_blocking = engine.state.device, engine.non_blocking
+        images = _to_device(batchdata[engine.image_key], device, non_blocking, engine.channels_last)
+        network: MultiAD = engine.network
+        network.train()
+        if engine.teacher_features_key in batchdata:
+            teacher_features = _to_device(batchdata[engine.teacher_features_key], device, non_blocking, False)
+        else:
+            with torch.no_grad():
+                teacher_features = network.teacher(images)
+        engine.state.output = {Keys.IMAGE: images}
+
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        student_features = network.student(images)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        distillation = engine.distillation_loss(teacher_features, student_features)
+        loss = distillation
+        adversarial = torch.zeros(())
+        if engine.discriminator_optimizer is not None:
+            network.discriminator.requires_grad_(False)
+            adversarial = engine.student_adversarial_loss(network.discriminator(student_features[-1]))
+            loss = distillation + engine.adversarial_weight * adversarial
+        engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+
+        discriminator_loss = torch.zeros(())
+        if engine.discriminator_optimizer is not None:
+            network.discriminator.requires_grad_(True)
+            engine.discriminator_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+            discriminator_loss = engine.discriminator_loss(
+                network.discriminator(teacher_features[-1]), network.discriminator(student_features[-1].detach())
+            )
+            discriminator_loss.backward()
+            engine.discriminator_optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+
+        engine.state.output.update(
+            {
+                Keys.LOSS: loss.item(),
+                "distillation_loss": distillation.item(),
+                "adversarial_loss": adversarial.item(),
+                "discriminator_loss": discriminator_loss.item(),
+            }
+        )
+        return engine.state.output

@@ -1,0 +1,169 @@
+"""Handlers that write evaluation and inference results: metrics JSON, scores CSV, overlay PNGs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from multiad_monai.engines.evaluator import MAP_KEY, NAME_KEY, SCORE_KEY
+from multiad_monai.metrics import normalize_scores
+
+__all__ = ["MetricsJSONWriter", "ScoreTableWriter", "OverlayWriter", "atomic_write_text", "normalized_score"]
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def normalized_score(score: float, threshold: float, scale: float) -> float:
+    """The 0-1 score of :func:`multiad_monai.metrics.normalize_scores` (0.5 at the threshold); NaN without a threshold."""
+    if not (math.isfinite(threshold) and math.isfinite(scale) and scale > 0):
+        return float("nan")
+    return normalize_scores(score, threshold, scale)
+
+
+def _sample_names(output: dict, batch_size: int, start: int) -> list[str]:
+    names = output.get(NAME_KEY)
+    return [str(n) for n in names] if names is not None else [f"sample_{start + i:05d}" for i in range(batch_size)]
+
+
+class MetricsJSONWriter:
+    """After an evaluator's epoch, writes ``engine.state.metrics`` (floats only) to a JSON file.
+
+    Args:
+        output_path: the JSON file.
+        extra: constant entries written beside the metrics (e.g. the data set and the checkpoint).
+    """
+
+    def __init__(self, output_path: str, extra: dict | None = None) -> None:
+        self.output_path = output_path
+        self.extra = dict(extra or {})
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float, np.floating))}
+        atomic_write_text(self.output_path, json.dumps({**self.extra, "metrics": metrics}, indent=2) + "\n")
+        logging.getLogger(__name__).info(f"metrics written to {self.output_path}")
+
+
+class ScoreTableWriter:
+    """Collects per-sample scores and writes a CSV: name, raw score, normalised score, prediction, label.
+
+    The normalised score is ``sigmoid((score - threshold) / score_scale)`` with the network's saved
+    threshold: 0.5 at the threshold, ``prediction`` is 1 when the raw score is at or above it.
+
+    Args:
+        output_path: the CSV file.
+        network: module with ``threshold`` and ``score_scale`` buffers.
+    """
+
+    HEADER = ("name", "score", "normalized_score", "prediction", "label")
+
+    def __init__(self, output_path: str, network: torch.nn.Module) -> None:
+        self.output_path = output_path
+        self.network = network
+        self.rows: list[tuple] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        scores = torch.as_tensor(output[SCORE_KEY]).reshape(-1).tolist()
+        labels = output.get("label")
+        labels = [""] * len(scores) if labels is None else torch.as_tensor(labels).reshape(-1).int().tolist()
+        threshold, scale = float(self.network.threshold), float(self.network.score_scale)
+        for name, score, label in zip(_sample_names(output, len(scores), len(self.rows)), scores, labels):
+            prediction = "" if math.isnan(threshold) else int(score >= threshold)
+            self.rows.append((name, f"{score:.6g}", f"{normalized_score(score, threshold, scale):.4f}", prediction, label))
+
+    def _write(self, engine: Engine) -> None:
+        lines = [",".join(self.HEADER)] + [",".join(_csv_field(v) for v in row) for row in self.rows]
+        atomic_write_text(self.output_path, "\n".join(lines) + "\n")
+
+
+def _csv_field(value) -> str:
+    text = str(value)
+    return f'"{text}"' if any(c in text for c in ',"\n') else text
+
+
+class OverlayWriter:
+    """Saves, for each sample, a PNG with the input, the heatmap over it and (when a threshold is known)
+    the outline of the predicted anomalous region; optionally the raw map as ``.npy``.
+
+    Args:
+        output_dir: folder for ``<name>.png`` (``/`` in names become sub-folders).
+        network: module with a ``threshold`` buffer.
+        mean, std: the normalisation of the images, undone for display.
+        max_samples: stop after this many samples (None: all).
+        save_raw_maps: also save the float map as ``<name>_map.npy``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        network: torch.nn.Module,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        max_samples: int | None = None,
+        save_raw_maps: bool = False,
+    ) -> None:
+        self.output_dir = output_dir
+        self.network = network
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+        self.max_samples = max_samples
+        self.save_raw_maps = save_raw_maps
+        self.count = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _reset(self, engine: Engine) -> None:
+        self.count = 0
+
+    def __call__(self, engine: Engine) -> None:
+        from multiad_monai.handlers.overlay import render_overlay, save_png
+
+        output = engine.state.output
+        images, maps = output["image"], output[MAP_KEY]
+        if images.ndim != 4:
+            raise ValueError("OverlayWriter handles 2D images; use the volume writer for 3D maps.")
+        threshold = float(self.network.threshold)
+        names = _sample_names(output, len(maps), self.count)
+        for name, image, amap in zip(names, images, maps):
+            if self.max_samples is not None and self.count >= self.max_samples:
+                return
+            rgb = np.clip(image.float().numpy() * self.std + self.mean, 0, 1)
+            amap = amap[0].float().numpy()
+            relative = os.path.basename(name) if os.path.isabs(name) else name
+            stem = os.path.join(self.output_dir, os.path.splitext(relative)[0])
+            save_png(stem + ".png", render_overlay(rgb, amap, threshold))
+            if self.save_raw_maps:
+                np.save(stem + "_map.npy", amap)
+            self.count += 1

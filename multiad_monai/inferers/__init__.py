@@ -1,0 +1,1 @@
+from .anomaly_map import AnomalyMapGenerator, cosine_distance_maps, image_score

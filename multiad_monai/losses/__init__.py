@@ -1,0 +1,2 @@
+from .adversarial import DiscriminatorLoss, StudentAdversarialLoss
+from .distillation import CosineDistillationLoss

@@ -1,0 +1,33 @@
+"""Anomaly-detection metrics: plain functions and an ignite epoch metric."""
+
+from multiad_monai.metrics.cumulative import METRIC_NAMES, AnomalyDetectionMetrics, default_output_transform
+from multiad_monai.metrics.validation import ValidationScore
+from multiad_monai.metrics.functional import (
+    aupro,
+    dice_per_sample,
+    dice_score,
+    estimate_threshold,
+    f1_max,
+    image_auroc,
+    image_average_precision,
+    normalize_scores,
+    pixel_auroc,
+    pixel_average_precision,
+)
+
+__all__ = [
+    "METRIC_NAMES",
+    "AnomalyDetectionMetrics",
+    "ValidationScore",
+    "aupro",
+    "default_output_transform",
+    "dice_per_sample",
+    "dice_score",
+    "estimate_threshold",
+    "f1_max",
+    "image_auroc",
+    "image_average_precision",
+    "normalize_scores",
+    "pixel_auroc",
+    "pixel_average_precision",
+]

@@ -1,0 +1,59 @@
+"""The Multi-AD network: a frozen teacher, a student of the same design, a discriminator and the map head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from multiad_monai.inferers.anomaly_map import AnomalyMapGenerator
+
+__all__ = ["MultiAD"]
+
+
+class MultiAD(nn.Module):
+    """Teacher-student anomaly detector.
+
+    Args:
+        teacher: pretrained encoder returning L feature maps; frozen here (no gradients, always eval mode).
+        student: encoder with the same ``out_channels`` as the teacher, trained to reproduce its features.
+        discriminator: optional module judging the deepest features (teacher real, student fake).
+        map_generator: turns feature pairs into a fused, smoothed map; default mean fusion, sigma 4.
+
+    ``forward(images)`` with images ``(B, C, H, W[, D])`` returns the anomaly map ``(B, 1, H, W[, D])``.
+    Buffers ``threshold`` (anomalous when the image score, or a pixel of the map, is at or above it) and
+    ``score_scale`` (spread of normal scores, for 0-1 normalised scores) are NaN until estimated.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        discriminator: nn.Module | None = None,
+        map_generator: AnomalyMapGenerator | None = None,
+    ) -> None:
+        super().__init__()
+        t_channels, s_channels = list(teacher.out_channels), list(student.out_channels)
+        if t_channels != s_channels:
+            raise ValueError(f"student feature channels {s_channels} must equal the teacher's {t_channels}.")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        self.discriminator = discriminator
+        self.map_generator = map_generator if map_generator is not None else AnomalyMapGenerator(num_levels=len(t_channels))
+        # set from normal validation images (NormalThresholdHandler) and saved with the weights
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.register_buffer("score_scale", torch.tensor(float("nan")))
+
+    def train(self, mode: bool = True) -> "MultiAD":
+        super().train(mode)
+        self.teacher.eval()  # BN statistics of the pretrained teacher must never move
+        return self
+
+    def features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher and student features, each a list of L maps ``(B, C_i, H / s_i, W / s_i)``."""
+        with torch.no_grad():
+            teacher_features = self.teacher(images)
+        return teacher_features, self.student(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        teacher_features, student_features = self.features(images)
+        return self.map_generator(teacher_features, student_features, images.shape[2:])

@@ -1,0 +1,44 @@
+"""MONAI transforms for 2D anomaly detection data."""
+
+from multiad_monai.transforms.chains import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    denormalize,
+    image_transforms_2d,
+    pil_to_8bit_scale,
+    pil_to_gray,
+    validation_transforms_2d,
+)
+from multiad_monai.transforms.channels import EnsureRGB, EnsureRGBD, EnsureRGBd, EnsureRGBDict, source_name
+from multiad_monai.transforms.teacher_features import TeacherFeaturesd
+from multiad_monai.transforms.masks import EmptyMaskD, EmptyMaskd, EmptyMaskDict, zeros_mask_like
+from multiad_monai.transforms.synthetic import (
+    SYNTHETIC_DEFECT_TYPES,
+    RandSyntheticDefectD,
+    RandSyntheticDefectd,
+    RandSyntheticDefectDict,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SYNTHETIC_DEFECT_TYPES",
+    "TeacherFeaturesd",
+    "EmptyMaskD",
+    "EmptyMaskDict",
+    "EmptyMaskd",
+    "EnsureRGB",
+    "EnsureRGBD",
+    "EnsureRGBDict",
+    "EnsureRGBd",
+    "RandSyntheticDefectD",
+    "RandSyntheticDefectDict",
+    "RandSyntheticDefectd",
+    "denormalize",
+    "image_transforms_2d",
+    "pil_to_8bit_scale",
+    "pil_to_gray",
+    "source_name",
+    "validation_transforms_2d",
+    "zeros_mask_like",
+]

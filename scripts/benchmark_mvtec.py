@@ -1,0 +1,136 @@
+"""Benchmark of the 2D bundle on an MVTec-layout folder: training time, peak memory, test metrics,
+inference latency, and fusion/smoothing variants scored on validation (chosen there) and on test.
+
+    python scripts/benchmark_mvtec.py --dataset_dir ../shared/data/mvtec_ad/bottle --output_dir runs/bench_bottle
+
+Prints one JSON document and writes it to OUTPUT_DIR/benchmark.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.networks.layers import GaussianFilter
+
+from multiad_monai.apps.cli import DEFAULT_BUNDLE, _parse_value, bundle_configs, run_bundle
+from multiad_monai.engines.trainer import _to_device
+from multiad_monai.inferers import image_score
+from multiad_monai.metrics import aupro, image_auroc, pixel_auroc
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def parser_for(bundle_root: str, workflow: str, overrides: list[str], values: dict) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle_root, workflow, overrides))
+    parser.update({"bundle_root": bundle_root, **values})
+    return parser
+
+
+def load_network(bundle_root, overrides, values):
+    parser = parser_for(bundle_root, "evaluating", overrides, values)
+    network = parser.get_parsed_content("network")
+    state = torch.load(parser.get_parsed_content("ckpt_path"), map_location="cpu", weights_only=True)
+    network.load_state_dict(state)
+    return network.eval().to(memory_format=torch.channels_last), parser
+
+
+def level_maps_of(network, dataset) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    maps, labels, masks = [], [], []
+    with torch.inference_mode():
+        for start in range(0, len(dataset), 16):
+            items = [dataset[i] for i in range(start, min(start + 16, len(dataset)))]
+            images = _to_device(torch.stack([torch.as_tensor(it["image"]) for it in items]), torch.device("cpu"), False, True)
+            teacher, student = network.features(images)
+            maps.append(network.map_generator.level_maps(teacher, student, images.shape[2:]).half())
+            labels += [int(it["label"]) for it in items]
+            masks.append(np.stack([np.asarray(it["mask"]) > 0.5 for it in items]))
+    return torch.cat(maps), np.asarray(labels), np.concatenate(masks)
+
+
+def score_variant(level_maps, labels, masks, fusion: str, sigma: float) -> dict:
+    fused = level_maps.float()
+    fused = fused.mean(1, keepdim=True) if fusion == "mean" else fused.prod(1, keepdim=True)
+    if sigma > 0:
+        fused = GaussianFilter(2, sigma)(fused)
+    scores = image_score(fused).numpy()
+    maps = fused.numpy()
+    return {
+        "image_auroc": image_auroc(scores, labels),
+        "pixel_auroc": pixel_auroc(maps, masks),
+        "aupro": aupro(maps, masks),
+    }
+
+
+def latency(network, image_size: int, batch_size: int, repeats: int) -> float:
+    x = torch.randn(batch_size, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(2):
+            image_score(network(x))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            image_score(network(x))
+    return (time.perf_counter() - start) / (repeats * batch_size) * 1000.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset_dir", required=True)
+    ap.add_argument("--output_dir", required=True)
+    ap.add_argument("--bundle_root", default=DEFAULT_BUNDLE)
+    ap.add_argument("--override", action="append", default=[])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--skip_train", action="store_true", help="reuse OUTPUT_DIR/model.pt")
+    args = ap.parse_args()
+    values = {"dataset_dir": os.path.abspath(args.dataset_dir), "output_dir": os.path.abspath(args.output_dir)}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        values[key] = _parse_value(value)
+    report: dict = {"dataset_dir": values["dataset_dir"], "overrides": args.override, "set": args.set, "threads": torch.get_num_threads()}
+
+    if not args.skip_train:
+        start = time.perf_counter()
+        run_bundle(args.bundle_root, "training", args.override, **values)
+        report["train_seconds"] = round(time.perf_counter() - start, 1)
+        report["train_peak_rss_mb"] = round(peak_rss_mb(), 1)
+    start = time.perf_counter()
+    run_bundle(args.bundle_root, "evaluating", args.override, **values)
+    report["evaluate_seconds"] = round(time.perf_counter() - start, 1)
+    with open(os.path.join(values["output_dir"], "eval", "metrics.json")) as f:
+        report["test_metrics"] = json.load(f)["metrics"]
+
+    network, eval_parser = load_network(args.bundle_root, args.override, values)
+    image_size = eval_parser.get_parsed_content("image_size")
+    report["latency_ms_per_image_batch1"] = round(latency(network, image_size, 1, 20), 1)
+    report["latency_ms_per_image_batch16"] = round(latency(network, image_size, 16, 4), 1)
+
+    # fusion/smoothing variants: chosen on the validation set (held-out normals + synthetic defects)
+    train_parser = parser_for(args.bundle_root, "training", args.override, values)
+    validation = level_maps_of(network, train_parser.get_parsed_content("validate#dataset"))
+    test = level_maps_of(network, eval_parser.get_parsed_content("dataset"))
+    variants = []
+    for fusion in ("mean", "product"):
+        for sigma in (2.0, 4.0, 8.0):
+            val, tst = score_variant(*validation, fusion, sigma), score_variant(*test, fusion, sigma)
+            variants.append({"fusion": fusion, "sigma": sigma, "validation_score": float(np.mean(list(val.values()))), "validation": val, "test": tst})
+    report["variants"] = variants
+    report["variant_chosen_on_validation"] = max(variants, key=lambda v: v["validation_score"])
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    text = json.dumps(report, indent=2)
+    with open(os.path.join(values["output_dir"], "benchmark.json"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

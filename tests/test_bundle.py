@@ -1,0 +1,74 @@
+import csv
+import json
+import os
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from conftest import BUNDLE_ROOT
+from multiad_monai.apps.cli import bundle_configs, main, root_cause
+from multiad_monai.data import DatasetError
+
+CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
+
+
+def _parser(workflow, **overrides):
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(BUNDLE_ROOT, workflow))
+    parser.read_meta(os.path.join(CONFIGS, "metadata.json"))
+    parser.update({"bundle_root": BUNDLE_ROOT, **overrides})
+    return parser
+
+
+def test_bundle_layout_and_metadata():
+    for name in ("metadata.json", "common.json", "train.json", "evaluate.json", "inference.json", "logging.conf", "mvtec.json"):
+        assert os.path.isfile(os.path.join(CONFIGS, name)), name
+    for name in ("docs/README.md", "LICENSE"):
+        assert os.path.isfile(os.path.join(BUNDLE_ROOT, name)), name
+    meta = json.load(open(os.path.join(CONFIGS, "metadata.json")))
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 3
+
+
+def test_configs_instantiate_the_network(tiny_demo_dataset, tmp_path):
+    parser = _parser("training", dataset_dir=tiny_demo_dataset, output_dir=str(tmp_path), image_size=64)
+    network = parser.get_parsed_content("network")
+    assert type(network).__name__ == "MultiAD"
+    assert network.student.out_channels == network.teacher.out_channels
+    trainer = parser.get_parsed_content("train#trainer")
+    assert trainer.adversarial_weight == parser["adversarial_weight"]
+    split = parser.get_parsed_content("datalist_split")
+    assert len(split[0]) + len(split[1]) == 20
+
+
+def test_wrong_dataset_dir_is_one_clear_error(tmp_path, capsys):
+    parser = _parser("training", dataset_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as raised:
+        parser.get_parsed_content("data_root")
+    assert isinstance(root_cause(raised.value), DatasetError) and "nowhere" in str(root_cause(raised.value))
+    # the CLI prints only the root cause, names the folder, and writes nothing
+    assert main(["train", "--dataset_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere" in err[0] and err[0].startswith("multiad: error:")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_train_evaluate_infer_end_to_end(tiny_demo_dataset, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--output_dir", out, "--dataset_dir", tiny_demo_dataset, "--set", "image_size=64"]
+    assert main(["train", *common, "--set", "num_epochs=2", "--set", "val_interval=1", "--set", "batch_size=4"]) == 0
+    checkpoint = torch.load(os.path.join(out, "model.pt"), map_location="cpu", weights_only=True)
+    assert torch.isfinite(checkpoint["threshold"]) and checkpoint["threshold"] > 0
+    assert main(["evaluate", *common]) == 0
+    metrics = json.load(open(os.path.join(out, "eval", "metrics.json")))["metrics"]
+    assert {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "dice"} <= set(metrics)
+    rows = list(csv.DictReader(open(os.path.join(out, "eval", "scores.csv"))))
+    assert len(rows) == 10 and {r["label"] for r in rows} == {"0", "1"}
+    assert all(0.0 <= float(r["normalized_score"]) <= 1.0 for r in rows)
+    assert all((float(r["score"]) >= float(checkpoint["threshold"])) == (r["prediction"] == "1") for r in rows)
+    assert len(os.listdir(os.path.join(out, "eval", "overlays"))) >= 2
+    assert main(["infer", *common, "--set", f"input_dir={os.path.join(tiny_demo_dataset, 'test')}"]) == 0
+    inferred = list(csv.DictReader(open(os.path.join(out, "inference", "scores.csv"))))
+    assert len(inferred) == 10 and inferred[0]["label"] == ""
+    assert any(name.endswith("_map.npy") for _, _, files in os.walk(os.path.join(out, "inference", "maps")) for name in files)

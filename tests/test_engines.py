@@ -1,0 +1,92 @@
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.data import CacheDataset, DataLoader, Dataset
+
+from multiad_monai.data import mvtec_datalist, split_train_validation, synthetic_validation_datalist
+from multiad_monai.engines import AnomalyEvaluator, MultiADTrainer
+from multiad_monai.handlers import NormalThresholdHandler
+from multiad_monai.metrics import AnomalyDetectionMetrics, ValidationScore
+from multiad_monai.networks import EfficientNetLiteEncoder, FeatureDiscriminator, MultiAD, input_mean, input_std
+from multiad_monai.transforms import TeacherFeaturesd, image_transforms_2d, validation_transforms_2d
+from monai.transforms import Compose
+
+MEAN, STD = input_mean("efficientnet-lite0"), input_std("efficientnet-lite0")
+
+
+def _network(seed=0):
+    torch.manual_seed(seed)
+    teacher = EfficientNetLiteEncoder(image_size=64)
+    student = EfficientNetLiteEncoder(pretrained=False, se_ratio=0.25, image_size=64)
+    return MultiAD(teacher, student, FeatureDiscriminator(in_channels=320, channels=(32, 64), strides=(1, 2)))
+
+
+def _trainer(network, loader, epochs):
+    return MultiADTrainer(
+        device="cpu",
+        max_epochs=epochs,
+        train_data_loader=loader,
+        network=network,
+        optimizer=torch.optim.Adam(network.student.parameters(), lr=2e-3),
+        discriminator_optimizer=torch.optim.Adam(network.discriminator.parameters(), lr=2e-4),
+        adversarial_weight=0.01,
+    )
+
+
+def test_training_lowers_the_distillation_loss_with_cached_teacher(tiny_demo_dataset):
+    network = _network()
+    items = mvtec_datalist(tiny_demo_dataset, "train")
+    transform = Compose([image_transforms_2d(64, MEAN, STD), TeacherFeaturesd("image", network.teacher)])
+    loader = DataLoader(CacheDataset(items, transform, progress=False), batch_size=4, shuffle=True, drop_last=True)
+    assert len(loader.dataset[0]["teacher_features"]) == 4
+    trainer = _trainer(network, loader, epochs=6)
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["distillation_loss"]))
+    teacher_before = {k: v.clone() for k, v in network.teacher.state_dict().items()}
+    trainer.run()
+    assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3])
+    for key, value in network.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), f"teacher changed: {key}"
+    assert np.isfinite(trainer.state.output["discriminator_loss"])
+
+
+def test_cached_and_live_teacher_features_give_the_same_step(tiny_demo_dataset):
+    items = mvtec_datalist(tiny_demo_dataset, "train")[:4]
+    losses = []
+    for cached in (True, False):
+        network = _network(seed=1)
+        transform = image_transforms_2d(64, MEAN, STD)
+        if cached:
+            transform = Compose([transform, TeacherFeaturesd("image", network.teacher, dtype=torch.float32)])
+        loader = DataLoader(Dataset(items, transform), batch_size=4)
+        trainer = _trainer(network, loader, epochs=1)
+        trainer.run()
+        losses.append(trainer.state.output["distillation_loss"])
+    assert abs(losses[0] - losses[1]) < 1e-4
+
+
+def test_evaluator_outputs_metrics_and_threshold(tiny_demo_dataset):
+    network = _network()
+    train, held_out = split_train_validation(mvtec_datalist(tiny_demo_dataset, "train"), 0.25)
+    validation = synthetic_validation_datalist(held_out)
+    loader = DataLoader(Dataset(validation, validation_transforms_2d(64, MEAN, STD)), batch_size=4)
+    outputs = []
+    evaluator = AnomalyEvaluator(
+        device="cpu",
+        val_data_loader=loader,
+        network=network,
+        key_val_metric={"val_score": ValidationScore()},
+        additional_metrics={"all": AnomalyDetectionMetrics()},
+        val_handlers=[NormalThresholdHandler(network, quantile=1.0)],
+    )
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
+    evaluator.run()
+    metrics = evaluator.state.metrics
+    assert 0.0 <= metrics["val_score"] <= 1.0
+    assert {"image_auroc", "pixel_auroc", "aupro"} <= set(metrics)
+    labels = torch.cat([o["label"] for o in outputs])
+    scores = torch.cat([o["score"] for o in outputs])
+    assert labels.tolist().count(0) == len(held_out) and labels.tolist().count(1) == len(held_out)
+    assert float(network.threshold) == float(scores[labels == 0].max())
+    assert outputs[0]["anomaly_map"].shape[1:] == (1, 64, 64)
+    assert all("+synthetic" in n or "good/" in n for o in outputs for n in o["name"])

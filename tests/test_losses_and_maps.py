@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+
+from multiad_monai.inferers import AnomalyMapGenerator, cosine_distance_maps, image_score
+from multiad_monai.losses import CosineDistillationLoss, DiscriminatorLoss, StudentAdversarialLoss
+
+
+def test_cosine_distillation_hand_cases():
+    t = [torch.tensor([[[[1.0]], [[0.0]]]]), torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]])]
+    same = [x.clone() * 3 for x in t]  # scale does not matter
+    assert float(CosineDistillationLoss()(t, same)) == pytest.approx(0.0, abs=1e-6)
+    opposite = [-x for x in t]
+    assert float(CosineDistillationLoss()(t, opposite)) == pytest.approx(4.0)  # 2 per level
+    orthogonal = [torch.tensor([[[[0.0]], [[1.0]]]]), torch.tensor([[[[0.0, 1.0]], [[1.0, 1.0]]]])]
+    # level 1: 1 - 0 = 1; level 2: mean(1 - 0, 1 - cos45) = (1 + 1 - 1/sqrt2) / 2
+    expected = 1.0 + (2.0 - 1.0 / math.sqrt(2.0)) / 2.0
+    assert float(CosineDistillationLoss()(t, orthogonal)) == pytest.approx(expected, rel=1e-5)
+    assert float(CosineDistillationLoss([0.0, 1.0])(t, orthogonal)) == pytest.approx(expected - 1.0, rel=1e-5)
+    with pytest.raises(ValueError):
+        CosineDistillationLoss()(t, t[:1])
+
+
+def test_adversarial_losses_follow_the_discriminator():
+    confident = torch.full((4, 1), 10.0)
+    assert float(DiscriminatorLoss()(confident, -confident)) < 1e-3
+    assert float(DiscriminatorLoss()(-confident, confident)) > 5
+    assert float(StudentAdversarialLoss()(confident)) < 1e-3
+    assert float(StudentAdversarialLoss()(torch.zeros(2, 1))) == pytest.approx(math.log(2), rel=1e-5)
+
+
+def test_cosine_distance_maps_locate_a_changed_patch():
+    teacher = [torch.ones(1, 4, 8, 8), torch.ones(1, 8, 4, 4)]
+    student = [t.clone() for t in teacher]
+    student[0][:, :, 2, 3] = -1.0
+    maps = cosine_distance_maps(teacher, student, (32, 32))
+    assert maps.shape == (1, 2, 32, 32)
+    assert float(maps[0, 1].abs().max()) < 1e-6
+    peak = divmod(int(maps[0, 0].argmax()), 32)
+    assert 8 <= peak[0] < 12 and 12 <= peak[1] < 16
+
+
+@pytest.mark.parametrize("fusion", ["mean", "product", "learned"])
+def test_generator_modes(fusion):
+    generator = AnomalyMapGenerator(num_levels=2, fusion=fusion, sigma=2.0).eval()
+    teacher = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
+    student = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
+    amap = generator(teacher, student, (32, 32))
+    assert amap.shape == (2, 1, 32, 32) and bool(torch.isfinite(amap).all()) and bool((amap >= 0).all())
+
+
+def test_generator_product_and_level_selection_without_smoothing():
+    level_maps = torch.rand(1, 3, 5, 5)
+    assert torch.allclose(AnomalyMapGenerator(num_levels=3, fusion="product", sigma=0).fuse(level_maps), level_maps.prod(1, keepdim=True))
+    generator = AnomalyMapGenerator(num_levels=3, fusion="mean", sigma=0, levels=[1, 2])
+    t = [torch.randn(1, 2, 5, 5) for _ in range(3)]
+    s = [torch.randn(1, 2, 5, 5) for _ in range(3)]
+    expected = cosine_distance_maps(t[1:], s[1:], (5, 5)).mean(1, keepdim=True)
+    assert torch.allclose(generator(t, s, (5, 5)), expected)
+    with pytest.raises(ValueError):
+        AnomalyMapGenerator(num_levels=2, levels=[2])
+    with pytest.raises(ValueError):
+        AnomalyMapGenerator(fusion="max")
+
+
+def test_generator_3d():
+    generator = AnomalyMapGenerator(spatial_dims=3, num_levels=1, sigma=1.0)
+    amap = generator([torch.randn(1, 4, 4, 4, 4)], [torch.randn(1, 4, 4, 4, 4)], (16, 16, 16))
+    assert amap.shape == (1, 1, 16, 16, 16)
+
+
+def test_image_score():
+    amap = torch.zeros(2, 1, 10, 10)
+    amap[0, 0, 0, :5] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    assert image_score(amap).tolist() == [5.0, 0.0]
+    assert image_score(amap, "topk", topk_ratio=0.03).tolist() == pytest.approx([4.0, 0.0])
+    with pytest.raises(ValueError):
+        image_score(amap, "median")

