@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from ignite.engine import Events
 from monai.data import CacheDataset, DataLoader, Dataset
@@ -6,7 +7,7 @@ from monai.data import CacheDataset, DataLoader, Dataset
 from multiad_monai.data import mvtec_datalist, split_train_validation, synthetic_validation_datalist
 from multiad_monai.engines import AnomalyEvaluator, MultiADTrainer
 from multiad_monai.handlers import NormalThresholdHandler
-from multiad_monai.metrics import AnomalyDetectionMetrics, ValidationScore
+from multiad_monai.metrics import AnomalyDetectionMetrics, NormalFitScore, ValidationScore
 from multiad_monai.networks import EfficientNetLiteEncoder, FeatureDiscriminator, MultiAD, input_mean, input_std
 from multiad_monai.transforms import TeacherFeaturesd, image_transforms_2d, validation_transforms_2d
 from monai.transforms import Compose
@@ -76,13 +77,13 @@ def test_evaluator_outputs_metrics_and_threshold(tiny_demo_dataset):
         val_data_loader=loader,
         network=network,
         key_val_metric={"val_score": ValidationScore()},
-        additional_metrics={"all": AnomalyDetectionMetrics()},
+        additional_metrics={"all": AnomalyDetectionMetrics(), "fit": NormalFitScore()},
         val_handlers=[NormalThresholdHandler(network, quantile=1.0)],
     )
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
     evaluator.run()
     metrics = evaluator.state.metrics
-    assert 0.0 <= metrics["val_score"] <= 1.0
+    assert 0.0 <= metrics["val_score"] <= 1.0 and metrics["fit"] < 0
     assert {"image_auroc", "pixel_auroc", "aupro"} <= set(metrics)
     labels = torch.cat([o["label"] for o in outputs])
     scores = torch.cat([o["score"] for o in outputs])
@@ -90,3 +91,28 @@ def test_evaluator_outputs_metrics_and_threshold(tiny_demo_dataset):
     assert float(network.threshold) == float(scores[labels == 0].max())
     assert outputs[0]["anomaly_map"].shape[1:] == (1, 64, 64)
     assert all("+synthetic" in n or "good/" in n for o in outputs for n in o["name"])
+
+
+def test_training_chain_is_fully_cached_with_teacher_features(tiny_demo_dataset):
+    from multiad_monai.transforms import training_transforms_2d
+
+    network = _network()
+    calls = []
+    network.teacher.register_forward_hook(lambda *args: calls.append(1))
+    items = mvtec_datalist(tiny_demo_dataset, "train")[:3]
+    dataset = CacheDataset(items, training_transforms_2d(64, MEAN, STD, teacher=network.teacher), progress=False)
+    assert len(calls) == 3
+    for _ in range(2):
+        sample = dataset[0]
+    assert len(calls) == 3, "the teacher ran again: the chain is not cached"
+    assert type(sample["image"]) is torch.Tensor and sample["teacher_features"][0].dtype == torch.float16
+
+
+def test_normal_fit_score_uses_only_normal_samples():
+    from multiad_monai.metrics import NormalFitScore
+
+    metric = NormalFitScore()
+    metric.reset()
+    maps = torch.stack([torch.full((1, 4, 4), v) for v in (0.1, 0.3, 5.0)])
+    metric.update({"anomaly_map": maps, "label": torch.tensor([0, 0, 1])})
+    assert metric.compute() == pytest.approx(-0.2)

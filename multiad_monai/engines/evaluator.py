@@ -78,10 +78,17 @@ class AnomalyEvaluator(Evaluator):
             key_val_metric=key_val_metric,
             additional_metrics=additional_metrics,
             metric_cmp_fn=metric_cmp_fn,
-            val_handlers=val_handlers,
+            val_handlers=None,
             amp=amp,
             decollate=decollate,
         )
+        if key_val_metric is None:
+            # MONAI's Workflow attaches additional metrics only beside a key metric; test-set evaluation has none
+            for name, metric in (additional_metrics or {}).items():
+                metric.attach(self, name)
+        # handlers after the metrics, so that writers see this epoch's metrics at EPOCH_COMPLETED
+        for handler in val_handlers or []:
+            handler.attach(self)
         if channels_last:
             network.to(memory_format=torch.channels_last)
         self.network = network

@@ -1,7 +1,7 @@
 """Anomaly-detection metrics: plain functions and an ignite epoch metric."""
 
 from multiad_monai.metrics.cumulative import METRIC_NAMES, AnomalyDetectionMetrics, default_output_transform
-from multiad_monai.metrics.validation import ValidationScore
+from multiad_monai.metrics.validation import NormalFitScore, ValidationScore
 from multiad_monai.metrics.functional import (
     aupro,
     dice_per_sample,
@@ -19,6 +19,7 @@ __all__ = [
     "METRIC_NAMES",
     "AnomalyDetectionMetrics",
     "ValidationScore",
+    "NormalFitScore",
     "aupro",
     "default_output_transform",
     "dice_per_sample",

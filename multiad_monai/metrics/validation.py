@@ -1,12 +1,16 @@
-"""One number to select models and stop early on: the mean of chosen anomaly-detection metrics."""
+"""Single-number validation metrics for model selection and early stopping."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import torch
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from multiad_monai.metrics.cumulative import AnomalyDetectionMetrics, default_output_transform
 
-__all__ = ["ValidationScore"]
+__all__ = ["ValidationScore", "NormalFitScore"]
 
 
 class ValidationScore(AnomalyDetectionMetrics):
@@ -36,3 +40,40 @@ class ValidationScore(AnomalyDetectionMetrics):
         if not values:
             raise RuntimeError(f"none of {self.components} could be computed on the validation set.")
         return float(sum(values) / len(values))
+
+
+class NormalFitScore(Metric):
+    """How well the student reproduces the teacher on held-out NORMAL images: minus the mean anomaly-map
+    value over label-0 samples (higher is better; a float).
+
+    Unlike :class:`ValidationScore` it needs no synthetic defects, and it keeps improving while the
+    student generalises to unseen normal images, so it is the default key metric for checkpoints and
+    early stopping (synthetic-defect scores saturate early and stopped training too soon on MVTec bottle).
+    """
+
+    def __init__(self, output_transform: Callable = lambda output: output) -> None:
+        super().__init__(output_transform=output_transform)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._sum = torch.zeros((), dtype=torch.float64)
+        self._count = torch.zeros((), dtype=torch.float64)
+
+    @reinit__is_reduced
+    def update(self, output: dict) -> None:
+        maps = torch.as_tensor(output["anomaly_map"]).detach().float().cpu()
+        labels = output.get("label")
+        normal = torch.ones(maps.shape[0], dtype=torch.bool) if labels is None else torch.as_tensor(labels).reshape(-1).cpu() == 0
+        if bool(normal.any()):
+            self._sum += maps[normal].mean(dim=tuple(range(1, maps.ndim))).double().sum()
+            self._count += float(normal.sum())
+
+    def iteration_completed(self, engine) -> None:
+        # the evaluator's output is a dict without ignite's (y_pred, y) keys: pass it through whole
+        self.update(self._output_transform(engine.state.output))
+
+    @sync_all_reduce("_sum", "_count")
+    def compute(self) -> float:
+        if float(self._count) == 0:
+            raise RuntimeError("NormalFitScore saw no normal (label 0) samples.")
+        return -float(self._sum / self._count)

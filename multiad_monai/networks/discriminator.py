@@ -33,7 +33,7 @@ class FeatureDiscriminator(nn.Module):
         spatial_dims: int = 2,
         in_channels: int = 320,
         channels: Sequence[int] = (128, 256, 512, 1024),
-        strides: Sequence[int] = (1, 2, 1, 2),
+        strides: Sequence[int] = (2, 1, 2, 1),
         dropout: float = 0.3,
         negative_slope: float = 0.2,
     ) -> None:

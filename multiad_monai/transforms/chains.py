@@ -216,3 +216,27 @@ def denormalize(
     mean_a = np.asarray(mean, dtype=image.dtype).reshape(shape)
     std_a = np.asarray(std, dtype=image.dtype).reshape(shape)
     return np.clip(image * std_a + mean_a, 0.0, 1.0)
+
+
+def training_transforms_2d(
+    image_size: int = 256,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    teacher: torch.nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    image_key: str = "image",
+) -> Compose:
+    """The training chain of normal images: :func:`image_transforms_2d` without masks, metadata dropped
+    (the trainer needs none and MetaTensor collation is slow), then, when ``teacher`` is given, the
+    teacher's features cached by :class:`TeacherFeaturesd`.
+
+    The chain is flat and deterministic, so a ``CacheDataset`` caches everything including the teacher
+    features: a nested ``Compose`` would count as random to MONAI and disable the cache.
+    """
+    from multiad_monai.transforms.teacher_features import TeacherFeaturesd
+
+    transforms = list(image_transforms_2d(image_size, mean, std, with_mask=False, image_key=image_key).transforms)
+    transforms.append(EnsureTyped(keys=image_key, dtype=torch.float32, track_meta=False))
+    if teacher is not None:
+        transforms.append(TeacherFeaturesd(keys=image_key, teacher=teacher, device=device))
+    return Compose(transforms)
