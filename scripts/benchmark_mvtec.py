@@ -21,7 +21,7 @@ from monai.bundle import ConfigParser
 from monai.networks.layers import GaussianFilter
 
 from multiad_monai.apps.cli import DEFAULT_BUNDLE, _parse_value, bundle_configs, run_bundle
-from multiad_monai.engines.trainer import _to_device
+from multiad_monai.engines.utils import to_device
 from multiad_monai.inferers import image_score
 from multiad_monai.metrics import aupro, image_auroc, pixel_auroc
 
@@ -50,7 +50,7 @@ def level_maps_of(network, dataset) -> tuple[torch.Tensor, np.ndarray, np.ndarra
     with torch.inference_mode():
         for start in range(0, len(dataset), 16):
             items = [dataset[i] for i in range(start, min(start + 16, len(dataset)))]
-            images = _to_device(torch.stack([torch.as_tensor(it["image"]) for it in items]), torch.device("cpu"), False, True)
+            images = to_device(torch.stack([torch.as_tensor(it["image"]) for it in items]), torch.device("cpu"), False, True)
             teacher, student = network.features(images)
             maps.append(network.map_generator.level_maps(teacher, student, images.shape[2:]).half())
             labels += [int(it["label"]) for it in items]

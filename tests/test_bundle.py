@@ -72,3 +72,16 @@ def test_train_evaluate_infer_end_to_end(tiny_demo_dataset, tmp_path):
     inferred = list(csv.DictReader(open(os.path.join(out, "inference", "scores.csv"))))
     assert len(inferred) == 10 and inferred[0]["label"] == ""
     assert any(name.endswith("_map.npy") for _, _, files in os.walk(os.path.join(out, "inference", "maps")) for name in files)
+
+
+def test_cli_passes_null_overrides_as_none(monkeypatch):
+    import monai.bundle
+
+    seen = {}
+    monkeypatch.setattr(monai.bundle, "run", lambda run_id, **kwargs: seen.update(kwargs, run_id=run_id))
+    assert main(["train", "--set", "student_se_ratio=null", "--set", "num_epochs=3", "--set", "fusion=product"]) == 0
+    assert seen["run_id"] == "training" and seen["num_epochs"] == 3 and seen["fusion"] == "product"
+    # monai.bundle.run drops None overrides: they must arrive as an expression evaluating to None
+    assert seen["student_se_ratio"] == "$None"
+    parser = ConfigParser({"student_se_ratio": seen["student_se_ratio"]})
+    assert parser.get_parsed_content("student_se_ratio") is None

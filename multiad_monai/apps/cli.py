@@ -39,6 +39,8 @@ def run_bundle(bundle_root: str, workflow: str, overrides: list[str] | None = No
     """Runs ``workflow`` ("training", "evaluating", "inferring") of a bundle with key overrides ``values``."""
     from monai.bundle import run
 
+    # monai.bundle.run drops overrides whose value is None; "$None" makes the config see a real None
+    values = {key: "$None" if value is None else value for key, value in values.items()}
     run(
         workflow,
         meta_file=os.path.join(bundle_root, "configs", "metadata.json"),

@@ -12,7 +12,7 @@ from monai.engines.utils import default_metric_cmp_fn
 from monai.inferers import Inferer
 from monai.utils import CommonKeys as Keys
 
-from multiad_monai.engines.trainer import _to_device
+from multiad_monai.engines.utils import to_device
 from multiad_monai.inferers.anomaly_map import image_score
 
 __all__ = ["AnomalyEvaluator", "MAP_KEY", "SCORE_KEY", "MASK_KEY", "NAME_KEY"]
@@ -101,7 +101,7 @@ class AnomalyEvaluator(Evaluator):
     def _iteration(self, engine: AnomalyEvaluator, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        images = _to_device(batchdata[engine.image_key], engine.state.device, engine.non_blocking, engine.channels_last)
+        images = to_device(batchdata[engine.image_key], engine.state.device, engine.non_blocking, engine.channels_last)
         with engine.mode(engine.network), torch.inference_mode():
             maps = engine.inferer(images, engine.network) if engine.inferer is not None else engine.network(images)
             scores = image_score(maps, engine.score_mode, engine.topk_ratio)

@@ -8,30 +8,19 @@ from typing import Any
 import torch
 from ignite.engine import Engine
 from ignite.metrics import Metric
-from monai.data import MetaTensor
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.utils import CommonKeys as Keys
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from multiad_monai.engines.utils import to_device
 from multiad_monai.losses import CosineDistillationLoss, DiscriminatorLoss, StudentAdversarialLoss
 from multiad_monai.networks.multiad import MultiAD
 
 __all__ = ["MultiADTrainer", "TEACHER_FEATURES_KEY", "loss_terms"]
 
 TEACHER_FEATURES_KEY = "teacher_features"
-
-
-def _to_device(data: Any, device: torch.device, non_blocking: bool, channels_last: bool) -> Any:
-    if isinstance(data, (list, tuple)):
-        return [_to_device(d, device, non_blocking, channels_last) for d in data]
-    # MetaTensor dispatch costs more than the convolutions on CPU: the networks get plain tensors
-    data = data.as_tensor() if isinstance(data, MetaTensor) else torch.as_tensor(data)
-    data = data.to(device, non_blocking=non_blocking).float()
-    if channels_last and data.ndim in (4, 5):
-        data = data.contiguous(memory_format=torch.channels_last if data.ndim == 4 else torch.channels_last_3d)
-    return data
 
 
 LOSS_TERMS = (Keys.LOSS, "distillation_loss", "adversarial_loss", "discriminator_loss")
@@ -136,11 +125,11 @@ class MultiADTrainer(Trainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         device, non_blocking = engine.state.device, engine.non_blocking
-        images = _to_device(batchdata[engine.image_key], device, non_blocking, engine.channels_last)
+        images = to_device(batchdata[engine.image_key], device, non_blocking, engine.channels_last)
         network: MultiAD = engine.network
         network.train()
         if engine.teacher_features_key in batchdata:
-            teacher_features = _to_device(batchdata[engine.teacher_features_key], device, non_blocking, False)
+            teacher_features = to_device(batchdata[engine.teacher_features_key], device, non_blocking, False)
         else:
             with torch.no_grad():
                 teacher_features = network.teacher(images)

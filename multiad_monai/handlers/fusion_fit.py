@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-from multiad_monai.engines.trainer import _to_device
+from multiad_monai.engines.utils import to_device
 
 __all__ = ["FusionFitHandler", "fit_learned_fusion"]
 
@@ -34,10 +34,10 @@ def fit_learned_fusion(
     network.eval()
     with torch.no_grad():
         for batch in data_loader:
-            images = _to_device(batch["image"], torch.device(device), False, True)
+            images = to_device(batch["image"], torch.device(device), False, True)
             teacher, student = network.features(images)
             level_maps.append(network.map_generator.level_maps(teacher, student, images.shape[2:]).cpu())
-            masks.append(_to_device(batch["mask"], torch.device("cpu"), False, False))
+            masks.append(to_device(batch["mask"], torch.device("cpu"), False, False))
             if sum(m.shape[0] for m in masks) >= max_images:
                 break
     level_maps, masks = torch.cat(level_maps)[:max_images], torch.cat(masks)[:max_images]

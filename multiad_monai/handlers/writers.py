@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from ignite.engine import Engine, Events
 
 from multiad_monai.engines.evaluator import MAP_KEY, NAME_KEY, SCORE_KEY
 from multiad_monai.metrics import normalize_scores
+from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["MetricsJSONWriter", "ScoreTableWriter", "OverlayWriter", "atomic_write_text", "normalized_score"]
 
@@ -102,13 +104,11 @@ class ScoreTableWriter:
             self.rows.append((name, f"{score:.6g}", f"{normalized_score(score, threshold, scale):.4f}", prediction, label))
 
     def _write(self, engine: Engine) -> None:
-        lines = [",".join(self.HEADER)] + [",".join(_csv_field(v) for v in row) for row in self.rows]
-        atomic_write_text(self.output_path, "\n".join(lines) + "\n")
-
-
-def _csv_field(value) -> str:
-    text = str(value)
-    return f'"{text}"' if any(c in text for c in ',"\n') else text
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(self.HEADER)
+        writer.writerows(self.rows)
+        atomic_write_text(self.output_path, table.getvalue())
 
 
 class OverlayWriter:
@@ -127,8 +127,8 @@ class OverlayWriter:
         self,
         output_dir: str,
         network: torch.nn.Module,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         max_samples: int | None = None,
         save_raw_maps: bool = False,
     ) -> None:

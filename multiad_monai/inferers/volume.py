@@ -19,12 +19,11 @@ from monai.utils import convert_to_tensor
 
 from multiad_monai.data.errors import DatasetError
 from multiad_monai.inferers.anomaly_map import image_score
+from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 from multiad_monai.transforms.channels import source_name
 
 __all__ = ["VolumeAnomalyInferer", "write_volume_outputs"]
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class VolumeAnomalyInferer:
@@ -59,8 +58,8 @@ class VolumeAnomalyInferer:
         axis: int = 2,
         batch_size: int = 16,
         image_size: int = 256,
-        mean: Sequence[float] = _IMAGENET_MEAN,
-        std: Sequence[float] = _IMAGENET_STD,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         score_mode: str = "max",
         quarter_turns: int = 0,
         device: str | torch.device | None = None,

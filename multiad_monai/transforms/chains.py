@@ -28,6 +28,7 @@ from monai.transforms import (
 )
 from PIL import Image
 
+from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 from multiad_monai.transforms.channels import EnsureRGBd
 from multiad_monai.transforms.masks import EmptyMaskd
 from multiad_monai.transforms.synthetic import RandSyntheticDefectd
@@ -42,8 +43,6 @@ __all__ = [
     "denormalize",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _KEPT_MODES = ("L", "RGB", "RGBA", "F")
