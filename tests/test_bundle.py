@@ -57,10 +57,10 @@ def test_wrong_dataset_dir_is_one_clear_error(tmp_path, capsys):
 def test_train_evaluate_infer_end_to_end(tiny_demo_dataset, tmp_path):
     out = str(tmp_path / "run")
     common = ["--output_dir", out, "--dataset_dir", tiny_demo_dataset, "--set", "image_size=64"]
-    assert main(["train", *common, "--set", "num_epochs=2", "--set", "val_interval=1", "--set", "batch_size=4"]) == 0
+    training = ["--set", "num_epochs=2", "--set", "val_interval=1", "--set", "batch_size=4", "--set", "min_epoch_length=2"]
+    assert main(["demo", *common, *training]) == 0  # train, then evaluate on test/
     checkpoint = torch.load(os.path.join(out, "model.pt"), map_location="cpu", weights_only=True)
     assert torch.isfinite(checkpoint["threshold"]) and checkpoint["threshold"] > 0
-    assert main(["evaluate", *common]) == 0
     metrics = json.load(open(os.path.join(out, "eval", "metrics.json")))["metrics"]
     assert {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "dice"} <= set(metrics)
     rows = list(csv.DictReader(open(os.path.join(out, "eval", "scores.csv"))))
