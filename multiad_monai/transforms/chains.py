@@ -32,6 +32,7 @@ from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 from multiad_monai.transforms.channels import EnsureRGBd
 from multiad_monai.transforms.masks import EmptyMaskd
 from multiad_monai.transforms.synthetic import RandSyntheticDefectd
+from multiad_monai.transforms.teacher_features import TeacherFeaturesd
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -41,8 +42,8 @@ __all__ = [
     "image_transforms_2d",
     "validation_transforms_2d",
     "denormalize",
+    "training_transforms_2d",
 ]
-
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _KEPT_MODES = ("L", "RGB", "RGBA", "F")
@@ -232,8 +233,6 @@ def training_transforms_2d(
     The chain is flat and deterministic, so a ``CacheDataset`` caches everything including the teacher
     features: a nested ``Compose`` would count as random to MONAI and disable the cache.
     """
-    from multiad_monai.transforms.teacher_features import TeacherFeaturesd
-
     transforms = list(image_transforms_2d(image_size, mean, std, with_mask=False, image_key=image_key).transforms)
     transforms.append(EnsureTyped(keys=image_key, dtype=torch.float32, track_meta=False))
     if teacher is not None:
