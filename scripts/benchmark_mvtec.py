@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--override", action="append", default=[])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--skip_train", action="store_true", help="reuse OUTPUT_DIR/model.pt")
+    ap.add_argument("--skip_variants", action="store_true", help="no fusion/sigma variants (needed without pixel masks)")
     args = ap.parse_args()
     values = {"dataset_dir": os.path.abspath(args.dataset_dir), "output_dir": os.path.abspath(args.output_dir)}
     for item in args.set:
@@ -114,6 +115,10 @@ def main() -> None:
     report["latency_ms_per_image_batch1"] = round(latency(network, image_size, 1, 40), 1)
     report["latency_ms_per_image_batch16"] = round(latency(network, image_size, 16, 10), 1)
 
+    if args.skip_variants:
+        report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        _write_report(report, values["output_dir"])
+        return
     # fusion/smoothing variants: chosen on the validation set (held-out normals + synthetic defects)
     train_parser = parser_for(args.bundle_root, "training", args.override, values)
     validation = level_maps_of(network, train_parser.get_parsed_content("validate#dataset"))
@@ -126,8 +131,12 @@ def main() -> None:
     report["variants"] = variants
     report["variant_chosen_on_validation"] = max(variants, key=lambda v: v["validation_score"])
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    _write_report(report, values["output_dir"])
+
+
+def _write_report(report: dict, output_dir: str) -> None:
     text = json.dumps(report, indent=2)
-    with open(os.path.join(values["output_dir"], "benchmark.json"), "w") as f:
+    with open(os.path.join(output_dir, "benchmark.json"), "w") as f:
         f.write(text + "\n")
     print(text)
 

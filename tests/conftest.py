@@ -23,3 +23,17 @@ def tiny_demo_dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo") / "data"
     return make_demo_dataset(str(root), num_train=20, num_test_good=4, num_test_defect=6, image_size=64, seed=3)
+
+
+class MedianDeviationNet(torch.nn.Module):
+    """Fake 2D anomaly network: the map is the channel mean of |image - its median|, so bright lesions stand
+    out; carries the ``threshold``/``score_scale`` buffers of a trained MultiAD."""
+
+    def __init__(self, threshold: float = 2.0) -> None:
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(threshold))
+        self.register_buffer("score_scale", torch.tensor(0.5))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        median = images.flatten(1).median(dim=1).values.reshape(-1, 1, 1, 1)
+        return (images - median).abs().mean(dim=1, keepdim=True)

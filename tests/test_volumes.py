@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from monai.data import MetaTensor
 
+from conftest import MedianDeviationNet
+
 from multiad_monai.data import DatasetError, check_image_label_pair, load_volume, multimodal_volume
 from multiad_monai.inferers import VolumeAnomalyInferer, write_volume_outputs
 from multiad_monai.transforms import (
@@ -76,19 +78,6 @@ def loaded(phantom) -> dict:
         "lesion": load_volume(phantom["lesion"], allow_empty=True),
     }
     return ForegroundPercentileScaled("image", foreground_key="brain")(data)
-
-
-class MedianDeviationNet(nn.Module):
-    """Fake 2D anomaly network: the map is the channel mean of |image - its median|, so bright lesions stand out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("threshold", torch.tensor(2.0))
-        self.register_buffer("score_scale", torch.tensor(0.5))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        median = images.flatten(1).median(dim=1).values.reshape(-1, 1, 1, 1)
-        return (images - median).abs().mean(dim=1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -12,9 +12,10 @@ import os
 import sys
 import time
 
-__all__ = ["main", "bundle_configs", "run_bundle", "root_cause", "DEFAULT_BUNDLE"]
+__all__ = ["main", "bundle_configs", "check_override_keys", "run_bundle", "root_cause", "DEFAULT_BUNDLE"]
 
-DEFAULT_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bundles", "multiad_2d")
+BUNDLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bundles")
+DEFAULT_BUNDLE = os.path.join(BUNDLES_DIR, "multiad_2d")
 
 # run id in the config -> config files, in merge order (later ones override earlier keys)
 _WORKFLOWS = {
@@ -52,10 +53,45 @@ def run_bundle(bundle_root: str, workflow: str, overrides: list[str] | None = No
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """The innermost exception: MONAI's config parser wraps errors of ``$`` expressions and ``_target_`` calls."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
+    """The error to show: MONAI's config parser and transforms wrap errors of ``$`` expressions, ``_target_``
+    calls and transforms; the outermost of this package's own errors (which name the file) if any, else the
+    innermost exception."""
+    from multiad_monai.data.errors import CheckpointError, DatasetError
+
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    ours = [e for e in chain if isinstance(e, (DatasetError, CheckpointError))]
+    return ours[0] if ours else chain[-1]
+
+
+def check_override_keys(bundle_root: str, workflows: list[str], overrides: list[str], keys: list[str]) -> None:
+    """Fail on a ``--set`` key that none of the workflows' configs defines (a typo would otherwise be
+    ignored silently)."""
+    import difflib
+
+    from monai.bundle import ConfigParser
+
+    parsers = []
+    for workflow in workflows:
+        parser = ConfigParser()
+        parser.read_config(bundle_configs(bundle_root, workflow, overrides))
+        parsers.append(parser)
+    for key in keys:
+        if any(_defines(parser, key) for parser in parsers):
+            continue
+        known = sorted({k for parser in parsers for k in parser.get() if isinstance(k, str)})
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown config key {key!r} for {' and '.join(workflows)} in {bundle_root}{hint}")
+
+
+def _defines(parser, key: str) -> bool:
+    try:
+        parser[key]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _parse_value(text: str):
@@ -68,9 +104,16 @@ def _parse_value(text: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="multiad", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["demo", "train", "evaluate", "infer"])
-    parser.add_argument("--bundle_root", default=DEFAULT_BUNDLE, help="bundle folder (default: bundles/multiad_2d)")
+    parser.add_argument(
+        "--bundle_root",
+        default=DEFAULT_BUNDLE,
+        help="bundle folder, or the name of a bundle shipped in bundles/ (multiad_2d: images, the default; "
+        "multiad_medical: volumes)",
+    )
     parser.add_argument("--output_dir", default=None, help="where checkpoints, metrics and maps go")
-    parser.add_argument("--dataset_dir", default=None, help="MVTec-layout folder; empty: generated demo data")
+    parser.add_argument(
+        "--dataset_dir", default=None, help="MVTec-layout folder or folder of case folders; empty: generated demo data"
+    )
     parser.add_argument("--override", action="append", default=[], help="extra config file merged last (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config key override (repeatable)")
     args = parser.parse_args(argv)
@@ -85,9 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         values["output_dir"] = os.path.abspath(args.output_dir)
     if args.dataset_dir is not None:
         values["dataset_dir"] = args.dataset_dir
-    bundle_root = os.path.abspath(args.bundle_root)
+    bundle_root = args.bundle_root
+    if not os.path.isdir(bundle_root) and os.path.isdir(os.path.join(BUNDLES_DIR, bundle_root)):
+        bundle_root = os.path.join(BUNDLES_DIR, bundle_root)
+    bundle_root = os.path.abspath(bundle_root)
 
     workflows = {"demo": ["training", "evaluating"], "train": ["training"], "evaluate": ["evaluating"], "infer": ["inferring"]}
+    user_keys = [item.partition("=")[0] for item in args.set]
+    try:
+        check_override_keys(bundle_root, workflows[args.command], args.override, user_keys)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"multiad: error: {error}", file=sys.stderr)
+        return 2
     for workflow in workflows[args.command]:
         start = time.perf_counter()
         try:

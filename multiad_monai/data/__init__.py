@@ -1,6 +1,16 @@
 from .demo import make_demo_dataset
-from .errors import DatasetError
-from .mvtec import check_datalist, mvtec_datalist, split_train_validation
+from .errors import CheckpointError, DatasetError
+from .mvtec import check_datalist, mvtec_datalist, readable_datalist, split_train_validation
 from .sources import image_folder_datalist, resolve_dataset_dir, synthetic_validation_datalist
 from .bmad import bmad_datalist
 from .volumes import check_dicom_series, check_image_label_pair, load_volume, multimodal_volume
+from .demo_volumes import DEMO_VOLUME_FILES, make_demo_volumes
+from .cases import (
+    VOLUME_EXTENSIONS,
+    case_folder_datalist,
+    normal_slice_datalist,
+    resolve_volume_dataset_dir,
+    split_cases,
+    volume_folder_datalist,
+    volume_inference_datalist,
+)

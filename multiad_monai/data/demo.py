@@ -12,12 +12,13 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["DEMO_DEFECT_TYPES", "make_demo_dataset"]
+__all__ = ["DEMO_DEFECT_TYPES", "make_demo_dataset", "build_generated_folder"]
 
 DEMO_DEFECT_TYPES = ("scratch", "stain", "missing", "color")
 _MANIFEST = "demo.json"
@@ -68,6 +69,17 @@ def make_demo_dataset(
             "seed": int(seed),
         },
     }
+    return build_generated_folder(root, manifest, _write_dataset)
+
+
+def build_generated_folder(root: str, manifest: dict, write: Callable[[str, dict], None]) -> str:
+    """Make the generated dataset described by ``manifest`` at ``root`` once, atomically; return ``root``.
+
+    ``write(folder, manifest["parameters"])`` fills a hidden staging folder beside ``root``, which is then
+    renamed into place, so an interrupted run leaves no half-written ``root``. A folder already holding the
+    same ``demo.json`` manifest is reused; a generated folder with another manifest is replaced; any other
+    non-empty folder raises ``FileExistsError``.
+    """
     if _holds_manifest(root, manifest):
         return root
     _ensure_replaceable(root)
@@ -77,7 +89,7 @@ def make_demo_dataset(
     staging = os.path.join(parent, f".{base}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.mkdir(staging)
     try:
-        _write_dataset(staging, manifest["parameters"])
+        write(staging, manifest["parameters"])
         # The manifest is written last: its presence marks the dataset as complete.
         with open(os.path.join(staging, _MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DatasetError"]
+__all__ = ["DatasetError", "CheckpointError"]
 
 
 class DatasetError(ValueError):
@@ -11,3 +11,8 @@ class DatasetError(ValueError):
     The message names the offending file or folder and says what is wrong, so it can be
     shown to the user as is.
     """
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or saved training state that is missing, unreadable, or from another configuration;
+    the message names the file."""

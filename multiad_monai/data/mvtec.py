@@ -12,6 +12,9 @@ Image extensions png/jpg/jpeg/bmp/tif/tiff are accepted in any letter case.
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +25,7 @@ from PIL import Image
 from multiad_monai.data.errors import DatasetError
 
 __all__ = [
+    "readable_datalist",
     "IMAGE_EXTENSIONS",
     "GOOD",
     "mvtec_datalist",
@@ -265,7 +269,44 @@ def check_datalist(datalist: Sequence[dict], num_workers: int = 4) -> None:
         raise DatasetError(_join_problems(f"{len(problems)} problem(s) in the datalist", problems))
 
 
+def readable_datalist(datalist: Sequence[dict], skip_bad_files: bool = False, report_path: str | None = None) -> list[dict]:
+    """The datalist after :func:`check_datalist`: unchanged when every file is usable; otherwise an error or,
+    with ``skip_bad_files``, the usable items only, the skipped ones listed in ``report_path`` (CSV ``image,
+    problem``, written atomically) and in a logged warning.
+
+    Raises:
+        DatasetError: as :func:`check_datalist` without ``skip_bad_files``; with it, when no item is usable.
+    """
+    items = list(datalist)
+    if not skip_bad_files:
+        check_datalist(items)
+        return items
+    if not items:
+        raise DatasetError("The datalist is empty.")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        problems = list(pool.map(_check_item, items))
+    usable = [item for item, item_problems in zip(items, problems) if not item_problems]
+    skipped = [(item.get("image", ""), "; ".join(p)) for item, p in zip(items, problems) if p]
+    if report_path is not None:
+        from multiad_monai.handlers.writers import atomic_write_text  # handlers import data: import late
+
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(("image", "problem"))
+        writer.writerows(skipped)
+        atomic_write_text(report_path, table.getvalue())
+    if skipped:
+        logging.getLogger(__name__).warning(
+            f"skipped {len(skipped)} unusable file(s) of {len(items)}" + (f", listed in {report_path}" if report_path else "")
+        )
+    if not usable:
+        raise DatasetError(_join_problems(f"no usable item: {len(skipped)} problem(s) in the datalist", [p for _, p in skipped]))
+    return usable
+
+
 def _join_problems(title: str, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{title}: {problems[0]}"
     shown = problems[:_MAX_REPORTED]
     more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
     return f"{title}:\n  " + "\n  ".join(shown) + more

@@ -33,7 +33,8 @@ def synthetic_validation_datalist(normal_items: Sequence[dict], flag_key: str = 
         if item.get("label", 0) != 0:
             raise DatasetError(f"validation items must be normal images, got label {item.get('label')} for {item.get('image')}")
         items.append({**item, flag_key: 0})
-        items.append({**item, flag_key: 1, "name": f"{item.get('name', os.path.basename(item['image']))}+synthetic"})
+        name = item["name"] if "name" in item else os.path.basename(item["image"])
+        items.append({**item, flag_key: 1, "name": f"{name}+synthetic"})
     return items
 
 

@@ -6,11 +6,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.utils import CommonKeys as Keys
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -29,6 +32,18 @@ LOSS_TERMS = (Keys.LOSS, "distillation_loss", "adversarial_loss", "discriminator
 def loss_terms(output: dict) -> dict[str, float]:
     """The scalar losses of a :class:`MultiADTrainer` iteration output, for ``StatsHandler`` and TensorBoard."""
     return {key: float(output[key]) for key in LOSS_TERMS if key in output}
+
+
+class RealFakeDiscriminator(nn.Module):
+    """Runs a discriminator on real and on fake features in one ``forward``, as DDP needs one call per step;
+    the two batches are passed separately, so batch-norm statistics stay per batch as in a plain GAN step."""
+
+    def __init__(self, discriminator: nn.Module) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.discriminator(real), self.discriminator(fake)
 
 
 class MultiADTrainer(Trainer):
@@ -55,6 +70,9 @@ class MultiADTrainer(Trainer):
         epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric, additional_metrics,
         metric_cmp_fn, train_handlers, amp, event_names, event_to_attr, decollate, optim_set_to_none:
             as in :class:`monai.engines.SupervisedTrainer`.
+        distributed: when ``torch.distributed`` is initialised, wrap the student and the discriminator step in
+            ``DistributedDataParallel`` so their gradients are averaged over the processes (the frozen teacher
+            needs none). The data loader must then use a ``DistributedSampler``.
 
     ``engine.state.output`` holds ``image``, ``loss`` (student total) and ``distillation_loss``,
     ``adversarial_loss``, ``discriminator_loss`` as floats.
@@ -86,6 +104,7 @@ class MultiADTrainer(Trainer):
         event_to_attr: dict | None = None,
         decollate: bool = False,
         optim_set_to_none: bool = True,
+        distributed: bool = False,
     ) -> None:
         use_discriminator = network.discriminator is not None and adversarial_weight > 0
         if use_discriminator and discriminator_optimizer is None:
@@ -120,6 +139,19 @@ class MultiADTrainer(Trainer):
         self.teacher_features_key = teacher_features_key
         self.channels_last = channels_last
         self.optim_set_to_none = optim_set_to_none
+        # The modules that take gradients, each called once per step; DDP-wrapped in distributed runs.
+        self.student_step: nn.Module = network.student
+        self.discriminator_step: nn.Module | None = (
+            RealFakeDiscriminator(network.discriminator) if self.discriminator_optimizer is not None else None
+        )
+        if distributed and dist.is_available() and dist.is_initialized():
+            device_ids = [torch.device(device)] if torch.device(device).type == "cuda" else None
+            self.student_step = DistributedDataParallel(network.student, device_ids=device_ids)
+            if self.discriminator_step is not None:
+                self.discriminator_step = DistributedDataParallel(self.discriminator_step, device_ids=device_ids)
+            self.logger.info(
+                f"rank {dist.get_rank()} of {dist.get_world_size()}: student and discriminator in DistributedDataParallel"
+            )
 
     def _iteration(self, engine: MultiADTrainer, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:
@@ -136,7 +168,7 @@ class MultiADTrainer(Trainer):
         engine.state.output = {Keys.IMAGE: images}
 
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        student_features = network.student(images)
+        student_features = engine.student_step(images)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         distillation = engine.distillation_loss(teacher_features, student_features)
         loss = distillation
@@ -155,9 +187,8 @@ class MultiADTrainer(Trainer):
         if engine.discriminator_optimizer is not None:
             network.discriminator.requires_grad_(True)
             engine.discriminator_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-            discriminator_loss = engine.discriminator_loss(
-                network.discriminator(teacher_features[-1]), network.discriminator(student_features[-1].detach())
-            )
+            real_logits, fake_logits = engine.discriminator_step(teacher_features[-1], student_features[-1].detach())
+            discriminator_loss = engine.discriminator_loss(real_logits, fake_logits)
             discriminator_loss.backward()
             engine.discriminator_optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

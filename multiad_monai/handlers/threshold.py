@@ -9,6 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from multiad_monai.engines.evaluator import SCORE_KEY
+from multiad_monai.metrics.cumulative import all_gather_array
 
 __all__ = ["NormalThresholdHandler"]
 
@@ -53,7 +54,9 @@ class NormalThresholdHandler:
             self._normal_scores.append(scores[torch.as_tensor(labels).reshape(-1).cpu().numpy() == 0])
 
     def _estimate(self, engine: Engine) -> None:
-        normal = np.concatenate(self._normal_scores) if self._normal_scores else np.empty(0)
+        normal = np.concatenate(self._normal_scores) if self._normal_scores else np.empty(0, np.float32)
+        # every process sets the same threshold from the scores of all processes
+        normal = all_gather_array(normal.astype(np.float32))
         if normal.size == 0:
             raise ValueError("no normal (label 0) validation samples: cannot estimate the anomaly threshold.")
         threshold = float(np.quantile(normal, self.quantile, method="higher"))

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
@@ -35,6 +36,13 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def gather_rows(rows: list) -> list:
+    """Rows (JSON-serialisable) of every process, rank by rank; the rows themselves in a single process."""
+    if idist.get_world_size() == 1:
+        return list(rows)
+    return [row for text in idist.all_gather(json.dumps(rows)) for row in json.loads(text)]
 
 
 def normalized_score(score: float, threshold: float, scale: float) -> float:
@@ -65,6 +73,8 @@ class MetricsJSONWriter:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        if idist.get_rank() > 0:  # metrics are gathered over processes already: one writer is enough
+            return
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float, np.floating))}
         atomic_write_text(self.output_path, json.dumps({**self.extra, "metrics": metrics}, indent=2) + "\n")
         logging.getLogger(__name__).info(f"metrics written to {self.output_path}")
@@ -104,10 +114,13 @@ class ScoreTableWriter:
             self.rows.append((name, f"{score:.6g}", f"{normalized_score(score, threshold, scale):.4f}", prediction, label))
 
     def _write(self, engine: Engine) -> None:
+        rows = gather_rows(self.rows)
+        if idist.get_rank() > 0:
+            return
         table = io.StringIO()
         writer = csv.writer(table, lineterminator="\n")
         writer.writerow(self.HEADER)
-        writer.writerows(self.rows)
+        writer.writerows(rows)
         atomic_write_text(self.output_path, table.getvalue())
 
 

@@ -21,6 +21,7 @@ from multiad_monai.data.errors import DatasetError
 from multiad_monai.inferers.anomaly_map import image_score
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 from multiad_monai.transforms.channels import source_name
+from multiad_monai.transforms.slices import foreground_box
 
 __all__ = ["VolumeAnomalyInferer", "write_volume_outputs"]
 
@@ -45,11 +46,16 @@ class VolumeAnomalyInferer:
         score_mode: per-slice score from the slice map, ``"max"`` or ``"topk"`` (see ``image_score``).
         quarter_turns: in-plane 90-degree turns that make the slices look like the training images.
         device: where the network runs; None: the device of its first parameter (CPU if it has none).
+        mask_to_foreground: zero the map outside ``mask``.
+        crop_to_foreground: run the network on the in-plane foreground box of ``mask`` only
+            (:func:`~multiad_monai.transforms.foreground_box`), as the training slices were cut with the same
+            setting; the map is zero outside the box.
+        crop_margin: margin of that box, voxels.
 
     ``__call__(volume (C, X, Y, Z) in [0, 1], mask (1, X, Y, Z) | None)`` returns
     ``(anomaly_map, slice_scores, volume_score)``: a float32 MetaTensor ``(1, X, Y, Z)`` with the input's
-    affine and metadata (zero outside ``mask`` when given), a float64 array ``(N,)`` of per-slice scores,
-    and the volume score, their maximum.
+    affine and metadata (zero outside ``mask`` when given and ``mask_to_foreground``), a float64 array
+    ``(N,)`` of per-slice scores, and the volume score, their maximum.
     """
 
     def __init__(
@@ -63,6 +69,9 @@ class VolumeAnomalyInferer:
         score_mode: str = "max",
         quarter_turns: int = 0,
         device: str | torch.device | None = None,
+        mask_to_foreground: bool = True,
+        crop_to_foreground: bool = False,
+        crop_margin: int = 8,
     ) -> None:
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be a spatial axis 0, 1 or 2 of a (C, X, Y, Z) volume, got {axis}.")
@@ -80,6 +89,9 @@ class VolumeAnomalyInferer:
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1)
         self.score_mode = score_mode
         self.quarter_turns = quarter_turns
+        self.mask_to_foreground = mask_to_foreground
+        self.crop_to_foreground = crop_to_foreground
+        self.crop_margin = crop_margin
         if device is None:
             parameter = next(network.parameters(), None)
             device = parameter.device if parameter is not None else "cpu"
@@ -123,13 +135,20 @@ class VolumeAnomalyInferer:
                 f"the volume {tuple(volume.shape[1:])}."
             )
         data = convert_to_tensor(volume, track_meta=False)
-        inside = None
-        if mask is not None:
-            inside = (convert_to_tensor(mask, track_meta=False) > 0).any(dim=0, keepdim=True).cpu()
         dim = self.axis + 1
         num_slices = data.shape[dim]
         anomaly_map = torch.zeros((1, *data.shape[1:]), dtype=torch.float32)
         slice_scores = np.zeros(num_slices, dtype=np.float64)
+        region = [slice(None)] * 4  # the part of the volume the network sees
+        if mask is not None and self.crop_to_foreground:
+            box = foreground_box(mask, self.axis, self.crop_margin)
+            for d, part in zip([d for d in range(3) if d != self.axis], box):
+                region[d + 1] = part
+        region = tuple(region)
+        data, map_region = data[region], anomaly_map[region]  # views: maps are written into anomaly_map
+        inside = None
+        if mask is not None and self.mask_to_foreground:
+            inside = (convert_to_tensor(mask, track_meta=False) > 0).any(dim=0, keepdim=True).cpu()[region]
         was_training = self.network.training
         self.network.eval()
         try:
@@ -142,7 +161,7 @@ class VolumeAnomalyInferer:
                     if inside is not None:
                         maps = maps * inside.narrow(dim, start, count).movedim(dim, 0)
                     slice_scores[start : start + count] = image_score(maps, self.score_mode).double().numpy()
-                    anomaly_map.narrow(dim, start, count).copy_(maps.movedim(0, dim))
+                    map_region.narrow(dim, start, count).copy_(maps.movedim(0, dim))
         finally:
             self.network.train(was_training)
         if isinstance(volume, MetaTensor):  # its meta holds the affine

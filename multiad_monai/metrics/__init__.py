@@ -2,6 +2,7 @@
 
 from multiad_monai.metrics.cumulative import METRIC_NAMES, AnomalyDetectionMetrics, default_output_transform
 from multiad_monai.metrics.validation import NormalFitScore, ValidationScore
+from multiad_monai.metrics.volume import VOLUME_METRIC_NAMES, VolumeAnomalyMetrics, slice_labels, volume_case_summary
 from multiad_monai.metrics.functional import (
     aupro,
     dice_per_sample,
@@ -19,6 +20,10 @@ __all__ = [
     "METRIC_NAMES",
     "AnomalyDetectionMetrics",
     "ValidationScore",
+    "VOLUME_METRIC_NAMES",
+    "VolumeAnomalyMetrics",
+    "slice_labels",
+    "volume_case_summary",
     "NormalFitScore",
     "aupro",
     "default_output_transform",

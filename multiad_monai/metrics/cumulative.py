@@ -26,7 +26,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from multiad_monai.metrics import functional as F
 
-__all__ = ["AnomalyDetectionMetrics", "default_output_transform", "METRIC_NAMES"]
+__all__ = ["AnomalyDetectionMetrics", "default_output_transform", "all_gather_array", "METRIC_NAMES"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _without_channel(array: np.ndarray, name: str) -> np.ndarray:
     raise ValueError(f"per-sample {name} must be (1,H,W), (1,H,W,D) or (H,W); got shape {array.shape}.")
 
 
-def _all_gather_array(array: np.ndarray) -> np.ndarray:
+def all_gather_array(array: np.ndarray) -> np.ndarray:
     """Concatenation over ranks of 1-D arrays whose lengths may differ between ranks."""
     world_size = idist.get_world_size()
     if world_size == 1:
@@ -121,6 +121,18 @@ def _all_gather_array(array: np.ndarray) -> np.ndarray:
     gathered = idist.all_gather(padded).reshape(world_size, padded_size)
     joined = torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)]).numpy()
     return joined.astype(array.dtype, copy=False)
+
+
+def add_if_computable(results: dict[str, float], keys: Sequence[str], compute_fn: Callable[[], Any], owner: str) -> None:
+    """Store ``compute_fn()`` (a value or a tuple, one per key) under ``keys``; a ValueError (e.g. one class
+    only) leaves them out with a logged warning instead of failing the whole evaluation."""
+    try:
+        values = compute_fn()
+    except ValueError as error:
+        logger.warning("%s: skipping %s: %s", owner, ", ".join(keys), error)
+        return
+    values = values if isinstance(values, tuple) else (values,)
+    results.update({key: float(value) for key, value in zip(keys, values)})
 
 
 class AnomalyDetectionMetrics(Metric):
@@ -246,8 +258,8 @@ class AnomalyDetectionMetrics(Metric):
             [np.zeros(m.size, bool) if k is None else k.reshape(-1) for m, k in zip(self._maps, self._masks)]
             or [np.zeros(0, bool)]
         )
-        all_shapes = _all_gather_array(shapes.reshape(-1)).reshape(-1, 3)
-        all_maps, all_masks = _all_gather_array(flat_maps), _all_gather_array(flat_masks)
+        all_shapes = all_gather_array(shapes.reshape(-1)).reshape(-1, 3)
+        all_maps, all_masks = all_gather_array(flat_maps), all_gather_array(flat_masks)
         samples, offset = [], 0
         for row in all_shapes:
             shape = tuple(int(d) for d in row if d >= 0)
@@ -259,13 +271,7 @@ class AnomalyDetectionMetrics(Metric):
         return samples
 
     def _try(self, results: dict[str, float], keys: Sequence[str], compute_fn: Callable[[], Any]) -> None:
-        try:
-            values = compute_fn()
-        except ValueError as error:
-            logger.warning("%s: skipping %s: %s", type(self).__name__, ", ".join(keys), error)
-            return
-        values = values if isinstance(values, tuple) else (values,)
-        results.update({key: float(value) for key, value in zip(keys, values)})
+        add_if_computable(results, keys, compute_fn, type(self).__name__)
 
     @sync_all_reduce("_num_samples", "_num_explicit_masks", "_num_without_pixel_data")
     def compute(self) -> dict[str, float]:
@@ -273,8 +279,8 @@ class AnomalyDetectionMetrics(Metric):
         # The counters are global here, so every rank takes the same branches and collectives.
         if self._num_samples == 0:
             raise NotComputableError(f"{type(self).__name__} must have at least one sample before compute.")
-        scores = _all_gather_array(np.asarray(self._scores, dtype=np.float64))
-        labels = _all_gather_array(np.asarray(self._labels, dtype=np.int64))
+        scores = all_gather_array(np.asarray(self._scores, dtype=np.float64))
+        labels = all_gather_array(np.asarray(self._labels, dtype=np.int64))
         wanted = set(self.metric_names)
         results: dict[str, float] = {}
         if "image_auroc" in wanted:

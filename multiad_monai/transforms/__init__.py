@@ -88,3 +88,6 @@ __all__ += [
     "stack_slices",
     "volume_slices",
 ]
+from multiad_monai.transforms.volume_chains import INTENSITY_PRESETS, LoadVolumed, slice_transforms_2d, volume_transforms
+
+__all__ += ["INTENSITY_PRESETS", "LoadVolumed", "slice_transforms_2d", "volume_transforms"]

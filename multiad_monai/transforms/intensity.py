@@ -143,7 +143,8 @@ class ForegroundPercentileScaled(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
-        foreground = d[self.foreground_key] if self.foreground_key is not None else None
+        # a case without a mask (inference on a new scan) falls back to the threshold / minimum rule
+        foreground = d.get(self.foreground_key) if self.foreground_key is not None else None
         for key in self.key_iterator(d):
             d[key] = self.scaler(d[key], foreground)
         return d

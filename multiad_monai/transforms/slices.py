@@ -23,6 +23,8 @@ from multiad_monai.data.errors import DatasetError
 from multiad_monai.transforms.channels import source_name
 
 __all__ = [
+    "foreground_box",
+    "crop_plane",
     "volume_slices",
     "stack_slices",
     "slice_coverage",
@@ -63,25 +65,70 @@ def slice_coverage(mask: NdarrayOrTensor, axis: int = 2) -> torch.Tensor:
     return inside.float().mean(dim=other)
 
 
+def foreground_box(mask: NdarrayOrTensor, axis: int = 2, margin: int = 8) -> tuple[slice, slice]:
+    """In-plane crop around the foreground of ``mask (C, X, Y, Z)`` over all its slices along ``axis``.
+
+    The bounding box of the positive voxels in the two in-plane axes (in order), grown by ``margin`` voxels
+    and then to a square (so resizing the crop keeps the aspect ratio), clamped to the plane. An empty mask
+    gives the whole plane. Used alike for training slices and at inference, so both see the organ at the
+    same scale.
+    """
+    _check_axis(axis)
+    inside = (convert_to_tensor(mask, track_meta=False) > 0).any(dim=0)
+    plane_axes = [d for d in range(3) if d != axis]
+    sizes = [inside.shape[d] for d in plane_axes]
+    if not bool(inside.any()):
+        return slice(0, sizes[0]), slice(0, sizes[1])
+    bounds = []
+    for d in plane_axes:
+        present = torch.nonzero(inside.any(dim=tuple(o for o in range(3) if o != d))).flatten()
+        bounds.append((int(present.min()) - margin, int(present.max()) + 1 + margin))
+    side = max(high - low for low, high in bounds)
+    box = []
+    for (low, high), size in zip(bounds, sizes):
+        if side >= size:
+            box.append(slice(0, size))
+            continue
+        start = min(max((low + high - side) // 2, 0), size - side)
+        box.append(slice(start, start + side))
+    return box[0], box[1]
+
+
+def crop_plane(volume: NdarrayOrTensor, axis: int, box: tuple[slice, slice]) -> NdarrayOrTensor:
+    """``volume (C, X, Y, Z)`` cropped in-plane to ``box`` (see :func:`foreground_box`), all slices kept;
+    a MetaTensor's affine follows (MONAI ``SpatialCrop``)."""
+    roi = [slice(None)] * 3
+    for d, part in zip([d for d in range(3) if d != axis], box):
+        roi[d] = part
+    return SpatialCrop(roi_slices=roi)(volume)
+
+
 class RandNormalSliced(Randomizable, MapTransform, MultiSampleTrait):
     """Draw ``num_samples`` normal 2D slices from channel-first volumes, for training a 2D anomaly model.
 
     A slice qualifies when its foreground covers at least ``min_foreground`` of the plane (slices at the
     edge of the body or brain carry little anatomy) and, when ``lesion_key`` is given, when it holds no
     lesion voxel (the model must learn normal anatomy only). Slices are drawn uniformly among those,
-    without replacement when there are enough of them. Like ``RandSpatialCropSamplesd`` it returns a
-    list of ``num_samples`` dicts; items not in ``keys`` are shared (not copied) by the samples.
+    without replacement when there are enough of them; with ``num_samples=None`` every qualifying slice is
+    returned in index order (deterministic, e.g. to cache a whole training set). Like
+    ``RandSpatialCropSamplesd`` it returns a list of dicts; items not in ``keys`` are shared (not copied)
+    by the samples.
 
     Args:
         keys: volumes ``(C, X, Y, Z)`` to slice; each becomes ``(C, H, W)``. Include ``foreground_key`` or
             ``lesion_key`` to get the matching mask slices too.
         axis: spatial axis to slice along (2: axial for RAS volumes).
-        num_samples: slices drawn per call.
+        num_samples: slices drawn per call; None: all qualifying slices, in order.
         foreground_key: mask ``(1, X, Y, Z)`` of the body or organ; None: the voxels of the first key's
             volume that differ from its minimum.
         min_foreground: smallest foreground fraction of the plane, in [0, 1].
         lesion_key: label or mask ``(1, X, Y, Z)`` whose positive voxels are lesions; None: no exclusion.
+        lesions_in_foreground_only: count only lesion voxels inside the foreground mask, for organ models
+            whose maps are confined to the organ (a kidney tumour does not make a liver slice abnormal).
         quarter_turns: in-plane 90-degree turns of each slice (see the module docstring).
+        crop_to_foreground: crop every slice to the volume's in-plane foreground box (:func:`foreground_box`),
+            so a small organ fills the network's input; the inferer must use the same setting.
+        crop_margin: margin of that box, voxels.
         slice_index_key: key receiving each sample's slice index; None: not recorded.
         allow_missing_keys: don't raise for keys missing from the data.
 
@@ -98,17 +145,20 @@ class RandNormalSliced(Randomizable, MapTransform, MultiSampleTrait):
         self,
         keys: KeysCollection,
         axis: int = 2,
-        num_samples: int = 4,
+        num_samples: int | None = 4,
         foreground_key: str | None = None,
         min_foreground: float = 0.1,
         lesion_key: str | None = None,
+        lesions_in_foreground_only: bool = False,
         quarter_turns: int = 0,
+        crop_to_foreground: bool = False,
+        crop_margin: int = 8,
         slice_index_key: str | None = "slice_index",
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         _check_axis(axis)
-        if num_samples < 1:
+        if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
         if not 0.0 <= min_foreground <= 1.0:
             raise ValueError(f"min_foreground must be in [0, 1], got {min_foreground}.")
@@ -117,11 +167,17 @@ class RandNormalSliced(Randomizable, MapTransform, MultiSampleTrait):
         self.foreground_key = foreground_key
         self.min_foreground = min_foreground
         self.lesion_key = lesion_key
+        self.lesions_in_foreground_only = lesions_in_foreground_only
         self.quarter_turns = quarter_turns
+        self.crop_to_foreground = crop_to_foreground
+        self.crop_margin = crop_margin
         self.slice_index_key = slice_index_key
         self._indices: list[int] = []
 
     def randomize(self, candidates: np.ndarray) -> None:
+        if self.num_samples is None:
+            self._indices = [int(i) for i in candidates]
+            return
         replace = len(candidates) < self.num_samples
         self._indices = [int(i) for i in self.R.choice(candidates, size=self.num_samples, replace=replace)]
 
@@ -134,7 +190,8 @@ class RandNormalSliced(Randomizable, MapTransform, MultiSampleTrait):
             raise DatasetError(
                 f"{name}: expected a channel-first volume (C, X, Y, Z), got shape {tuple(reference.shape)}."
             )
-        foreground = data[self.foreground_key] if self.foreground_key is not None else None
+        # masks are optional per case: no foreground -> the minimum rule, no label -> no lesion exclusion
+        foreground = data.get(self.foreground_key) if self.foreground_key is not None else None
         if foreground is None:
             reference_t = convert_to_tensor(reference, track_meta=False)
             foreground = reference_t != reference_t.min()
@@ -142,9 +199,12 @@ class RandNormalSliced(Randomizable, MapTransform, MultiSampleTrait):
         coverage = slice_coverage(foreground, self.axis)
         qualifies = coverage >= self.min_foreground
         with_lesion = torch.zeros_like(qualifies)
-        if self.lesion_key is not None:
+        if self.lesion_key is not None and data.get(self.lesion_key) is not None:
             lesion = data[self.lesion_key]
             self._check_shape(name, lesion, shape, "lesion mask")
+            lesion = convert_to_tensor(lesion, track_meta=False) > 0
+            if self.lesions_in_foreground_only:
+                lesion = lesion & (convert_to_tensor(foreground, track_meta=False) > 0).any(dim=0, keepdim=True)
             with_lesion = slice_coverage(lesion, self.axis) > 0
         candidates = torch.nonzero(qualifies & ~with_lesion).flatten().numpy()
         if len(candidates) == 0:
@@ -177,11 +237,16 @@ class RandNormalSliced(Randomizable, MapTransform, MultiSampleTrait):
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> list[dict[Hashable, NdarrayOrTensor]]:
         self.randomize(self.normal_slices(data))
+        volumes = {key: data[key] for key in self.key_iterator(dict(data))}
+        foreground = data.get(self.foreground_key) if self.foreground_key is not None else None
+        if self.crop_to_foreground and foreground is not None:
+            box = foreground_box(foreground, self.axis, self.crop_margin)
+            volumes = {key: crop_plane(volume, self.axis, box) for key, volume in volumes.items()}
         samples = []
         for index in self._indices:
             sample = dict(data)
-            for key in self.key_iterator(sample):
-                sample[key] = self._take(data[key], index)
+            for key, volume in volumes.items():
+                sample[key] = self._take(volume, index)
             if self.slice_index_key is not None:
                 sample[self.slice_index_key] = index
             samples.append(sample)

@@ -1,0 +1,72 @@
+"""Loading a trained network for evaluation and inference, with errors that say what is wrong with the file."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from ignite.engine import Engine
+
+from multiad_monai.data.errors import CheckpointError
+
+__all__ = ["NetworkCheckpointLoader", "load_network_checkpoint"]
+
+
+def load_network_checkpoint(path: str, network: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
+    """Load the weights saved by training (``model.pt``: a state dict, or ``{"network": state dict}``) into ``network``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        RuntimeError: naming ``path``, when the file is not a readable checkpoint, or when it holds another
+            architecture (missing, unexpected or differently shaped weights) or no saved threshold.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (train a model first, or set ckpt_path).")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); it is truncated or not a PyTorch file.") from error
+    if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
+        state = state["network"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of weights.")
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or reshaped:
+        details = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)):
+            if keys:
+                details.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise CheckpointError(
+            f"checkpoint {path} was saved from another architecture or settings: weights {', '.join(details)}; "
+            "use the configuration it was trained with."
+        )
+    network.load_state_dict(state)
+    threshold = getattr(network, "threshold", None)
+    if threshold is not None and not torch.isfinite(torch.as_tensor(threshold)).all():
+        logging.getLogger(__name__).warning(
+            f"checkpoint {path} has no anomaly threshold (training ran no validation): no masks or decisions."
+        )
+
+
+class NetworkCheckpointLoader:
+    """Loads a checkpoint into ``network`` when attached to an evaluator, i.e. before it runs, so a missing,
+    corrupt or mismatched file stops the run with one error naming it (see :func:`load_network_checkpoint`).
+
+    Args:
+        load_path: the checkpoint written by training (``model.pt``).
+        network: the network to load into.
+        map_location: device for the loaded tensors.
+    """
+
+    def __init__(self, load_path: str, network: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
+        self.load_path = load_path
+        self.network = network
+        self.map_location = map_location
+
+    def attach(self, engine: Engine) -> None:
+        load_network_checkpoint(self.load_path, self.network, self.map_location)
