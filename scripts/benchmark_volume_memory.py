@@ -13,25 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
+
+from _measure import run_measured
 
 from multiad_monai.data import make_demo_volumes
 
 
 def evaluate(checkpoint: str, cases_dir: str, test_cases: list[str], output_dir: str) -> dict:
-    command = [
-        sys.executable, "-c",
-        "import resource, sys; from multiad_monai.apps.cli import main; code = main(sys.argv[1:]); "
-        "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(code)",
-        "evaluate", "--bundle_root", "multiad_medical", "--dataset_dir", cases_dir, "--output_dir", output_dir,
-        "--set", f"ckpt_path={os.path.abspath(checkpoint)}", "--set", f"test_cases={json.dumps(test_cases)}",
-    ]
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    seconds = time.perf_counter() - start
-    peak = [float(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("PEAK_RSS_MB")][0]
+    seconds, peak = run_measured(
+        ["evaluate", "--bundle_root", "multiad_medical", "--dataset_dir", cases_dir, "--output_dir", output_dir,
+         "--set", f"ckpt_path={os.path.abspath(checkpoint)}", "--set", f"test_cases={json.dumps(test_cases)}"]
+    )
     return {"num_volumes": len(test_cases), "seconds": round(seconds, 1), "peak_rss_mb": round(peak, 1)}
 
 

@@ -19,9 +19,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+from _measure import run_measured
 
 from multiad_monai.apps.cli import _parse_value, run_bundle
 
@@ -67,16 +68,15 @@ def main() -> None:
     first_case = os.path.join(values["dataset_dir"], evaluation["test_cases"][0])
     image_file = values.get("image_files", "ct.nii.gz" if "liver_ct.json" in args.override else "flair.nii.gz")
     single = os.path.join(first_case, image_file)
-    command = [sys.executable, "-m", "multiad_monai", "infer", "--bundle_root", BUNDLE, "--output_dir", values["output_dir"]]
+    command = ["infer", "--bundle_root", BUNDLE, "--output_dir", values["output_dir"]]
     for override in args.override:
         command += ["--override", override]
     for item in args.set:
         command += ["--set", item]
     command += ["--set", f"input_path={single}", "--set", f"inference_dir={os.path.join(values['output_dir'], 'timing')}"]
-    start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    report["one_volume_to_nifti_seconds"] = round(time.perf_counter() - start, 2)
-    report["one_volume_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0, 1)
+    seconds, peak = run_measured(command)
+    report["one_volume_to_nifti_seconds"] = round(seconds, 2)
+    report["one_volume_peak_rss_mb"] = round(peak, 1)
     report["one_volume_file"] = single
 
     text = json.dumps(report, indent=2)

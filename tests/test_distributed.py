@@ -11,14 +11,15 @@ import sys
 
 import pytest
 
+from conftest import BUNDLE_ROOT
 from multiad_monai.apps.cli import main
 from multiad_monai.data import make_demo_volumes
 
 SMALL = ["--set", "image_size=64", "--set", "num_epochs=2", "--set", "val_interval=1", "--set", "min_epoch_length=2"]
 
 
-def torchrun(*args: str, cwd: str) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "multiad_monai", *args]
+def torchrun(*args: str, cwd: str, module: str = "multiad_monai") -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -28,7 +29,18 @@ def torchrun(*args: str, cwd: str) -> str:
 def test_two_process_gloo_training_and_gathered_evaluation(tiny_demo_dataset, tmp_path):
     output = str(tmp_path / "ddp")
     common = ["--dataset_dir", tiny_demo_dataset, "--output_dir", output]
-    log = torchrun("train", *common, "--override", "multi_gpu_train.json", *SMALL, cwd=str(tmp_path))
+    # the documented launch: MONAI's bundle runner with the multi-GPU override last in the config list
+    configs = [os.path.join(BUNDLE_ROOT, "configs", name) for name in ("common.json", "train.json", "multi_gpu_train.json")]
+    log = torchrun(
+        "run", "training",
+        "--meta_file", os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
+        "--config_file", json.dumps(configs),
+        "--logging_file", os.path.join(BUNDLE_ROOT, "configs", "logging.conf"),
+        "--bundle_root", BUNDLE_ROOT,
+        "--dataset_dir", tiny_demo_dataset, "--output_dir", output,
+        "--image_size", "64", "--num_epochs", "2", "--val_interval", "1", "--min_epoch_length", "2",
+        cwd=str(tmp_path), module="monai.bundle",
+    )
     assert "rank 1 of 2: student and discriminator in DistributedDataParallel" in log
     assert os.path.isfile(os.path.join(output, "model.pt"))
 

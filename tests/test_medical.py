@@ -16,7 +16,7 @@ from monai.data import DataLoader, Dataset
 from PIL import Image
 
 from conftest import MedianDeviationNet, shared_data
-from multiad_monai.apps.cli import main, root_cause
+from multiad_monai.apps.cli import _defines, main, root_cause
 from multiad_monai.data import (
     DEMO_VOLUME_FILES,
     DatasetError,
@@ -335,6 +335,32 @@ def test_volumetric_bad_input_is_one_clear_error(phantoms, tmp_path):
     zeros = tmp_path / "zeros.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(zeros))
     assert "zeros.nii.gz" in _dataset_error_of(lambda: volume_transforms("mri")({"image": str(zeros)}))
+
+
+def test_bundles_layout_and_overrides():
+    """Both bundles have the model-zoo layout; every override file sets keys its configs define."""
+    from monai.bundle import ConfigParser
+
+    from multiad_monai.apps.cli import bundle_configs
+
+    for bundle in (MEDICAL_BUNDLE, os.path.join(os.path.dirname(MEDICAL_BUNDLE), "multiad_2d")):
+        for name in ("configs/metadata.json", "configs/common.json", "configs/train.json", "configs/evaluate.json",
+                     "configs/inference.json", "configs/logging.conf", "configs/multi_gpu_train.json",
+                     "configs/multi_gpu_evaluate.json", "docs/README.md", "LICENSE"):
+            assert os.path.isfile(os.path.join(bundle, name)), (bundle, name)
+        assert "network_data_format" in json.load(open(os.path.join(bundle, "configs", "metadata.json")))
+        parsers = []  # MONAI workflow sections (initialize, finalize) may be added by any override
+        for workflow in ("training", "evaluating", "inferring"):
+            parser = ConfigParser()
+            parser.read_config(bundle_configs(bundle, workflow))
+            parsers.append(parser)
+        base = ("metadata.json", "common.json", "train.json", "evaluate.json", "inference.json")
+        for override in sorted(f for f in os.listdir(os.path.join(bundle, "configs")) if f.endswith(".json") and f not in base):
+            for key in set(json.load(open(os.path.join(bundle, "configs", override)))) - {"initialize", "finalize"}:
+                # a new key is fine when it is a new argument of a defined object or a new helper referenced by the file
+                target = key.rsplit("#", 1)[0] if "#" in key else key
+                referenced = any(f"@{key}" in json.dumps(v) for v in json.load(open(os.path.join(bundle, "configs", override))).values())
+                assert referenced or any(_defines(parser, target) for parser in parsers), (override, key)
 
 
 def test_medical_bundle_end_to_end(phantoms, tmp_path):

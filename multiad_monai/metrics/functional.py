@@ -136,18 +136,14 @@ def _check_no_nan(sorted_values: np.ndarray) -> None:
 def sorted_scores_from_samples(
     samples: Sequence[tuple[np.ndarray, np.ndarray | None]], *, with_regions: bool = False
 ) -> SortedScores:
-    """Split and sort the pixels of ``samples`` = [(map, mask or None[, regions]), ...] of one shape each.
+    """Split and sort the pixels of ``samples`` = [(map, mask or None), ...] of one spatial shape each.
 
     ``mask`` None means an all-normal sample. With ``with_regions`` the connected components
     of every mask (full connectivity: 8-neighbourhood in 2D, 26 in 3D) become the regions of
-    the PRO curve; they are labelled per sample, in the sample's own dimensionality. A sample
-    may bring its own ``regions`` (integer labels, 0 outside, same shape as the map): then
-    they are used instead, e.g. for voxels of a volume taken inside an organ as a flat array,
-    whose regions were labelled in 3D before flattening.
+    the PRO curve; they are labelled per sample, in the sample's own dimensionality.
     """
-    maps = [as_float_array(sample[0]) for sample in samples]
-    masks = [None if sample[1] is None else as_binary_array(sample[1]) for sample in samples]
-    given_regions = [np.asarray(sample[2]) if len(sample) > 2 else None for sample in samples]
+    maps = [as_float_array(sample_map) for sample_map, _ in samples]
+    masks = [None if sample_mask is None else as_binary_array(sample_mask) for _, sample_mask in samples]
     for sample_map, sample_mask in zip(maps, masks):
         if sample_mask is not None and sample_mask.shape != sample_map.shape:
             raise ValueError(f"map shape {sample_map.shape} differs from mask shape {sample_mask.shape}.")
@@ -162,7 +158,7 @@ def sorted_scores_from_samples(
     inverse_region_sizes = np.empty(total_positives, dtype=np.float64) if with_regions else None
     num_regions = 0
     neg_offset = pos_offset = 0
-    for sample_map, sample_mask, num_pos, regions in zip(maps, masks, positive_counts, given_regions):
+    for sample_map, sample_mask, num_pos in zip(maps, masks, positive_counts):
         if sample_mask is None or num_pos == 0:
             negatives[neg_offset : neg_offset + sample_map.size] = sample_map.reshape(-1)
             neg_offset += sample_map.size
@@ -171,10 +167,7 @@ def sorted_scores_from_samples(
         neg_offset += sample_map.size - num_pos
         positives[pos_offset : pos_offset + num_pos] = sample_map[sample_mask]
         if inverse_region_sizes is not None:
-            if regions is None:
-                region_ids, sample_regions = label_connected_components(sample_mask, return_num=True)
-            else:
-                region_ids, sample_regions = _relabel(regions, sample_mask)
+            region_ids, sample_regions = label_connected_components(sample_mask, return_num=True)
             region_sizes = np.bincount(region_ids.reshape(-1), minlength=sample_regions + 1)
             # Boolean indexing walks both arrays in the same C order, so pixels stay aligned.
             inverse_region_sizes[pos_offset : pos_offset + num_pos] = 1.0 / region_sizes[region_ids[sample_mask]]
@@ -192,19 +185,6 @@ def sorted_scores_from_samples(
         positives.sort()
     _check_no_nan(positives)
     return SortedScores(negatives, positives, region_weights, num_regions)
-
-
-def _relabel(regions: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Given region labels as consecutive ids 1..n over ``mask`` (0 elsewhere), so bincount sizes them."""
-    if regions.shape != mask.shape:
-        raise ValueError(f"regions shape {regions.shape} differs from mask shape {mask.shape}.")
-    if np.any((regions > 0) != mask):
-        raise ValueError("regions must be positive exactly where the mask is 1.")
-    unique, consecutive = np.unique(regions, return_inverse=True)
-    consecutive = consecutive.reshape(regions.shape)
-    if unique[0] != 0:  # the mask covers the whole sample: ids start at 1 already
-        consecutive = consecutive + 1
-    return consecutive, int(np.count_nonzero(unique))
 
 
 def _sorted_scores_from_arrays(maps: ArrayLike, masks: ArrayLike) -> SortedScores:

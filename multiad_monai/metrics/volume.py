@@ -28,8 +28,6 @@ __all__ = ["VolumeAnomalyMetrics", "VOLUME_METRIC_NAMES", "slice_labels", "volum
 VOLUME_METRIC_NAMES = (
     "slice_auroc", "slice_ap", "voxel_auroc", "voxel_ap", "aupro", "voxel_f1_max", "dice", "slice_pixel_auroc"
 )
-# Region ids are made unique across volumes and ranks: rank, volume counter and component id in one int64.
-_RANK_STRIDE, _VOLUME_STRIDE = 1 << 44, 1 << 24
 
 
 def _spatial(array: Any, name: str) -> np.ndarray:
@@ -100,8 +98,9 @@ class VolumeAnomalyMetrics(Metric):
     holding lesions), and the counts ``num_volumes``, ``num_slices``, ``num_anomalous_slices``. Entries
     that cannot be computed (one class only) are left out with a warning.
 
-    Memory: per foreground voxel 4 bytes of score, 1 of lesion flag and 8 of region id, and per voxel of the
-    counted slices 5 more bytes, on CPU; the volumes themselves are not kept.
+    Memory: 4 bytes per foreground voxel (its score), 8 more per lesion voxel (its region's weight) and 4 per
+    pixel of the counted slices, on CPU; maps and volumes are not kept. ``compute`` needs about as much again
+    to sort.
     """
 
     required_output_keys = None
@@ -126,11 +125,14 @@ class VolumeAnomalyMetrics(Metric):
     def reset(self) -> None:
         self._slice_scores: list[np.ndarray] = []
         self._slice_labels: list[np.ndarray] = []
-        self._voxel_scores: list[np.ndarray] = []
-        self._voxel_lesions: list[np.ndarray] = []
-        self._voxel_regions: list[np.ndarray] = []
-        self._plane_scores: list[np.ndarray] = []
-        self._plane_lesions: list[np.ndarray] = []
+        # voxels inside the foreground, split by ground truth; per lesion voxel 1 / size of its 3D region
+        self._normal_voxels: list[np.ndarray] = []
+        self._lesion_voxels: list[np.ndarray] = []
+        self._lesion_inverse_sizes: list[np.ndarray] = []
+        self._num_regions = 0
+        # all pixels of the counted slices' planes (BMAD's pixel protocol), split by ground truth
+        self._normal_pixels: list[np.ndarray] = []
+        self._lesion_pixels: list[np.ndarray] = []
         self._dice: list[float] = []
         self._num_volumes = 0
 
@@ -158,16 +160,18 @@ class VolumeAnomalyMetrics(Metric):
         self._slice_labels.append(anomalous[eligible])
         planes = [slice(None)] * 3
         planes[self.axis] = np.flatnonzero(eligible)
-        self._plane_scores.append(values[tuple(planes)].reshape(-1))
-        self._plane_lesions.append(lesion[tuple(planes)].reshape(-1))
+        plane_values, plane_lesion = values[tuple(planes)], lesion[tuple(planes)]
+        self._normal_pixels.append(plane_values[~plane_lesion])
+        self._lesion_pixels.append(plane_values[plane_lesion])
 
-        regions = label_connected_components(lesion, connectivity=3).astype(np.int64)
-        offset = idist.get_rank() * _RANK_STRIDE + (self._num_volumes + 1) * _VOLUME_STRIDE
-        regions[lesion] += offset
-        selection = inside if inside is not None else np.ones(values.shape, bool)
-        self._voxel_scores.append(values[selection])
-        self._voxel_lesions.append(lesion[selection])
-        self._voxel_regions.append(regions[selection])
+        normal = ~lesion if inside is None else inside & ~lesion
+        self._normal_voxels.append(values[normal])
+        regions, num_regions = label_connected_components(lesion, connectivity=3, return_num=True)
+        region_sizes = np.bincount(regions.reshape(-1), minlength=num_regions + 1)
+        # boolean indexing walks values and regions in the same C order, so voxels and weights stay aligned
+        self._lesion_voxels.append(values[lesion])
+        self._lesion_inverse_sizes.append(1.0 / region_sizes[regions[lesion]])
+        self._num_regions += int(num_regions)
         threshold = float(output.get("threshold", float("nan")))
         if lesion.any() and np.isfinite(threshold):
             self._dice.append(float(volume_case_summary(values, lesion, inside, threshold)["dice"]))
@@ -194,16 +198,23 @@ class VolumeAnomalyMetrics(Metric):
         self._try(results, ["slice_auroc"], lambda: F.image_auroc(slice_scores, slice_truth))
         self._try(results, ["slice_ap"], lambda: F.image_average_precision(slice_scores, slice_truth))
 
-        voxel_scores = self._gathered(self._voxel_scores, np.float32)
-        voxel_lesions = self._gathered(self._voxel_lesions, bool)
-        voxel_regions = self._gathered(self._voxel_regions, np.int64)
-        sorted_scores = F.sorted_scores_from_samples([(voxel_scores, voxel_lesions, voxel_regions)], with_regions=True)
+        num_regions = int(idist.all_reduce(self._num_regions)) if idist.get_world_size() > 1 else self._num_regions
+        lesion_voxels = self._gathered(self._lesion_voxels, np.float32)
+        order = np.argsort(lesion_voxels, kind="stable")
+        inverse_sizes = self._gathered(self._lesion_inverse_sizes, np.float64)[order]
+        sorted_scores = F.SortedScores(
+            negatives=np.sort(self._gathered(self._normal_voxels, np.float32)),
+            positives=lesion_voxels[order],
+            region_weights=inverse_sizes / max(num_regions, 1),
+            num_regions=num_regions,
+        )
         self._try(results, ["voxel_auroc"], lambda: F.auroc_from_sorted(sorted_scores))
         self._try(results, ["voxel_ap"], lambda: F.average_precision_from_sorted(sorted_scores))
         self._try(results, ["aupro"], lambda: F.aupro_from_sorted(sorted_scores, fpr_limit=self.fpr_limit))
         self._try(results, ["voxel_f1_max", "voxel_f1_threshold"], lambda: F.f1_max_from_sorted(sorted_scores))
-        plane_scores = F.sorted_scores_from_samples(
-            [(self._gathered(self._plane_scores, np.float32), self._gathered(self._plane_lesions, bool))]
+        plane_scores = F.SortedScores(
+            negatives=np.sort(self._gathered(self._normal_pixels, np.float32)),
+            positives=np.sort(self._gathered(self._lesion_pixels, np.float32)),
         )
         self._try(results, ["slice_pixel_auroc"], lambda: F.auroc_from_sorted(plane_scores))
         dice = self._gathered([np.asarray(self._dice, np.float64)], np.float64)
