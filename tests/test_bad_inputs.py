@@ -114,6 +114,7 @@ def test_bad_files_are_skipped_only_when_asked(image_dataset, tmp_path, capsys):
     line = run_cli(capsys, *common)
     assert "broken.png" in line and not os.path.exists(output / "inference" / "scores.csv")
     assert main([*common, "--set", "skip_bad_files=true"]) == 0
+    assert "not a probability" in open(output / "inference" / "README.md").read()
     skipped = open(output / "inference" / "skipped_files.csv").read()
     assert "broken.png" in skipped
     scored = open(output / "inference" / "scores.csv").read()

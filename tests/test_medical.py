@@ -373,6 +373,7 @@ def test_medical_bundle_end_to_end(phantoms, tmp_path):
     assert {"slice_auroc", "voxel_auroc", "aupro", "dice"} <= set(metrics["metrics"])
     scan = os.path.join(phantoms, metrics["test_cases"][0], "flair.nii.gz")
     assert main(["infer", *common, "--set", "image_size=64", "--set", f"input_path={scan}"]) == 0
+    assert "normalized_score" in (output / "inference" / "README.md").read_text()  # outputs explained beside them
     written = nib.load(str(output / "inference" / "flair_anomaly_map.nii.gz"))
     source = nib.as_closest_canonical(nib.load(scan))
     assert written.shape == source.shape and np.allclose(written.affine, source.affine, atol=1e-4)

@@ -11,7 +11,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from multiad_monai.handlers.writers import atomic_write_text, gather_rows, normalized_score
+from multiad_monai.handlers.writers import VOLUME_OUTPUTS_README, atomic_write_text, gather_rows, normalized_score
 from multiad_monai.inferers.volume import write_volume_outputs
 from multiad_monai.metrics.volume import volume_case_summary
 
@@ -105,6 +105,7 @@ class VolumeOutputWriter:
         rows = gather_rows(self._rows)
         if idist.get_rank() > 0:
             return
+        atomic_write_text(os.path.join(self.output_dir, "README.md"), VOLUME_OUTPUTS_README)
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=_COLUMNS, lineterminator="\n")
         writer.writeheader()

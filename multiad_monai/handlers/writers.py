@@ -20,7 +20,9 @@ from multiad_monai.engines.evaluator import MAP_KEY, NAME_KEY, SCORE_KEY
 from multiad_monai.metrics import normalize_scores
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["MetricsJSONWriter", "ScoreTableWriter", "OverlayWriter", "atomic_write_text", "normalized_score"]
+__all__ = [
+    "IMAGE_OUTPUTS_README",
+    "VOLUME_OUTPUTS_README","MetricsJSONWriter", "ScoreTableWriter", "OverlayWriter", "atomic_write_text", "normalized_score"]
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -36,6 +38,36 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+IMAGE_OUTPUTS_README = """# Multi-AD outputs
+
+- `scores.csv`: one row per image.
+  - `score`: the raw anomaly score, the maximum of the anomaly map (fused 1 - cosine distances between
+    teacher and student features; 0 = like the normal training images, larger = more anomalous).
+  - `normalized_score`: sigmoid((score - threshold) / score_scale). It is 0.5 exactly at the saved
+    threshold, above 0.5 means flagged. It is a rescaled score, not a probability.
+  - `prediction`: 1 when score >= threshold (anomalous), 0 otherwise; empty without a saved threshold.
+  - `label`: the ground truth when known (1 anomalous).
+- `threshold`: the 0.99 quantile of the scores of held-out normal training images, saved in the model;
+  about 1 normal image in 100 is flagged.
+- `overlays/` or `maps/`: each image with its heatmap, the thresholded region outlined (`*_map.npy`: the raw map).
+- `skipped_files.csv` (only with skip_bad_files): the files that could not be read, and why.
+"""
+
+VOLUME_OUTPUTS_README = """# Multi-AD volume outputs
+
+- `<case>_anomaly_map.nii.gz`: float32 anomaly map on the scan's voxel grid (same shape and affine as the
+  scan reoriented to RAS); open it over the scan in 3D Slicer or ITK-SNAP. Larger = more anomalous; 0
+  outside the brain/organ mask when one was given.
+- `<case>_anomaly_mask.nii.gz`: uint8, 1 where the map is at or above the saved threshold.
+- `<case>_scores.json`: `volume_score` (largest slice score), per-slice scores in slice order along
+  `slice_axis`, `threshold`, `anomalous`, and `normalized_score` = sigmoid((volume_score - threshold) /
+  score_scale): 0.5 at the threshold, above 0.5 = flagged; a rescaled score, not a probability.
+- `volumes.csv`: one row per volume with the raw and normalised scores and the decision; with a lesion
+  label also lesion and predicted voxels inside the foreground and their Dice.
+- `threshold`: the 0.99 quantile of the slice scores of held-out normal training slices, saved in the model.
+"""
 
 
 def gather_rows(rows: list) -> list:
@@ -117,6 +149,7 @@ class ScoreTableWriter:
         rows = gather_rows(self.rows)
         if idist.get_rank() > 0:
             return
+        atomic_write_text(os.path.join(os.path.dirname(os.path.abspath(self.output_path)), "README.md"), IMAGE_OUTPUTS_README)
         table = io.StringIO()
         writer = csv.writer(table, lineterminator="\n")
         writer.writerow(self.HEADER)
