@@ -25,12 +25,12 @@ from PIL import Image
 from multiad_monai.data.errors import DatasetError
 
 __all__ = [
-    "readable_datalist",
     "IMAGE_EXTENSIONS",
     "GOOD",
     "mvtec_datalist",
     "split_train_validation",
     "check_datalist",
+    "readable_datalist",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

@@ -22,7 +22,14 @@ from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGE_OUTPUTS_README",
-    "VOLUME_OUTPUTS_README","MetricsJSONWriter", "ScoreTableWriter", "OverlayWriter", "atomic_write_text", "normalized_score"]
+    "VOLUME_OUTPUTS_README",
+    "MetricsJSONWriter",
+    "ScoreTableWriter",
+    "OverlayWriter",
+    "atomic_write_text",
+    "gather_rows",
+    "normalized_score",
+]
 
 
 def atomic_write_text(path: str, text: str) -> None:
