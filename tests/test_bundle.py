@@ -68,6 +68,10 @@ def test_train_evaluate_infer_end_to_end(tiny_demo_dataset, tmp_path):
     assert all(0.0 <= float(r["normalized_score"]) <= 1.0 for r in rows)
     assert all((float(r["score"]) >= float(checkpoint["threshold"])) == (r["prediction"] == "1") for r in rows)
     assert len(os.listdir(os.path.join(out, "eval", "overlays"))) >= 2
+    report = open(os.path.join(out, "eval", "report.html")).read()
+    assert report.count("<svg") == 2 and "AUROC" in report
+    for kind in ("false_positive", "false_negative"):  # the worst mistakes, with their overlays, beside it
+        assert os.path.isfile(os.path.join(out, "eval", "report", f"{kind}_00.png")) and f"report/{kind}_00.png" in report
     assert main(["infer", *common, "--set", f"input_dir={os.path.join(tiny_demo_dataset, 'test')}"]) == 0
     inferred = list(csv.DictReader(open(os.path.join(out, "inference", "scores.csv"))))
     assert len(inferred) == 10 and inferred[0]["label"] == ""

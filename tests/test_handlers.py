@@ -47,3 +47,30 @@ def test_normalized_score_is_one_half_at_the_threshold():
     assert normalized_score(0.3, 0.3, 0.1) == 0.5
     assert normalized_score(0.5, 0.3, 0.1) > 0.5 > normalized_score(0.1, 0.3, 0.1)
     assert np.isnan(normalized_score(0.3, float("nan"), 0.1))
+
+
+def test_report_plots_and_mistake_ranking(tmp_path):
+    from ignite.engine import Engine
+
+    from multiad_monai.handlers import EvaluationReportWriter
+    from multiad_monai.handlers.report import histogram_svg, roc_svg
+
+    scores, labels = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])
+    assert "AUROC 0.750" in roc_svg(scores, labels)
+    assert roc_svg(scores, np.zeros(4, int)) == ""  # one class: no curve
+    assert histogram_svg(scores, labels, threshold=0.5).count("<rect") >= 4
+
+    network = torch.nn.Module()
+    network.register_buffer("threshold", torch.tensor(0.5))
+    batches = [
+        {"image": torch.rand(2, 3, 8, 8), "anomaly_map": torch.rand(2, 1, 8, 8), "score": torch.tensor(s), "label": torch.tensor(l), "name": n}
+        for s, l, n in (([0.1, 0.9], [0, 0], ["good_a", "good_b"]), ([0.2, 0.7], [1, 1], ["bad_a", "bad_b"]))
+    ]
+    engine = Engine(lambda e, batch: batch)
+    writer = EvaluationReportWriter(str(tmp_path), network, max_examples=1)
+    writer.attach(engine)
+    engine.run(batches, max_epochs=1)
+    page = (tmp_path / "report.html").read_text()
+    # the worst false positive is the normal image scored 0.9, the worst false negative the anomaly scored 0.2
+    assert "good_b" in page and "good_a" not in page and "bad_a" in page and "bad_b" not in page
+    assert (tmp_path / "report" / "false_positive_00.png").is_file()

@@ -1,0 +1,182 @@
+"""A self-contained evaluation report: ROC curve, score histograms, the worst mistakes with their overlays."""
+
+from __future__ import annotations
+
+import heapq
+import html
+import math
+import os
+from collections.abc import Sequence
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from multiad_monai.engines.evaluator import MAP_KEY, SCORE_KEY
+from multiad_monai.handlers.overlay import render_overlay, save_png
+from multiad_monai.handlers.writers import _sample_names, atomic_write_text, gather_rows
+from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["EvaluationReportWriter", "roc_svg", "histogram_svg"]
+
+_WIDTH, _HEIGHT, _PAD = 360, 260, 36
+
+
+def _polyline(points: Sequence[tuple[float, float]], colour: str) -> str:
+    coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+    return f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>'
+
+
+def _axes(x_label: str, y_label: str) -> str:
+    left, bottom, right, top = _PAD, _HEIGHT - _PAD, _WIDTH - 10, 10
+    return (
+        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>'
+        f'<line x1="{left}" y1="{bottom}" x2="{left}" y2="{top}" stroke="black"/>'
+        f'<text x="{(left + right) / 2}" y="{_HEIGHT - 6}" font-size="12" text-anchor="middle">{x_label}</text>'
+        f'<text x="12" y="{(top + bottom) / 2}" font-size="12" text-anchor="middle" '
+        f'transform="rotate(-90 12 {(top + bottom) / 2})">{y_label}</text>'
+    )
+
+
+def _to_plot(x: float, y: float) -> tuple[float, float]:
+    return _PAD + x * (_WIDTH - 10 - _PAD), _HEIGHT - _PAD - y * (_HEIGHT - _PAD - 10)
+
+
+def roc_svg(scores: np.ndarray, labels: np.ndarray) -> str:
+    """ROC curve of image scores as an inline SVG (empty text when a class is missing)."""
+    if len(np.unique(labels)) < 2:
+        return ""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    auc = roc_auc_score(labels, scores)
+    curve = _polyline([_to_plot(x, y) for x, y in zip(fpr, tpr)], "#c0392b")
+    diagonal = _polyline([_to_plot(0, 0), _to_plot(1, 1)], "#bbbbbb")
+    legend = f'<text x="{_WIDTH - 20}" y="{_HEIGHT - _PAD - 10}" font-size="12" text-anchor="end">AUROC {auc:.3f}</text>'
+    return f'<svg width="{_WIDTH}" height="{_HEIGHT}">{_axes("false-positive rate", "true-positive rate")}{diagonal}{curve}{legend}</svg>'
+
+
+def histogram_svg(scores: np.ndarray, labels: np.ndarray, threshold: float, bins: int = 30) -> str:
+    """Histograms of the scores of normal (blue) and anomalous (red) samples, threshold as a dashed line."""
+    low, high = float(scores.min()), float(scores.max())
+    if math.isfinite(threshold):
+        low, high = min(low, threshold), max(high, threshold)
+    high = high if high > low else low + 1.0
+    edges = np.linspace(low, high, bins + 1)
+    parts = [_axes("score", "share of samples")]
+    counts = [np.histogram(scores[labels == value], edges)[0] for value in (0, 1)]
+    shares = [c / max(c.sum(), 1) for c in counts]
+    top = max(float(max(s.max() for s in shares)), 1e-9)
+    width = (_WIDTH - 10 - _PAD) / bins
+    for share, colour in zip(shares, ("#2e86c1", "#c0392b")):
+        for i, value in enumerate(share):
+            if value > 0:
+                x, y = _to_plot(i / bins, value / top)
+                _, base = _to_plot(0, 0)
+                parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{width:.1f}" height="{base - y:.1f}" fill="{colour}" fill-opacity="0.45"/>')
+    if math.isfinite(threshold):
+        x, _ = _to_plot((threshold - low) / (high - low), 0)
+        parts.append(f'<line x1="{x:.1f}" y1="10" x2="{x:.1f}" y2="{_HEIGHT - _PAD}" stroke="black" stroke-dasharray="4,3"/>')
+    return f'<svg width="{_WIDTH}" height="{_HEIGHT}">{"".join(parts)}</svg>'
+
+
+class EvaluationReportWriter:
+    """After an evaluation epoch, writes ``report.html`` (with ``report/*.png``): the metrics, the ROC curve
+    and the score histograms of normal vs anomalous images (threshold marked), and the ``max_examples``
+    worst false positives (normal images with the highest scores) and false negatives (anomalous images
+    with the lowest), each as image + heatmap overlay. Everything is relative to the report's folder, so
+    the folder can be copied or zipped as is.
+
+    Args:
+        output_dir: folder of ``report.html``.
+        network: module with the ``threshold`` buffer.
+        mean, std: normalisation of the images, undone for display.
+        max_examples: worst mistakes shown per kind.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        network: torch.nn.Module,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        max_examples: int = 8,
+    ) -> None:
+        self.output_dir = output_dir
+        self.network = network
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+        self.max_examples = max_examples
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows: list[tuple[str, float, int]] = []
+        # min-heaps of (badness, order, name, overlay): only the worst few overlays are kept in memory
+        self._false_positives: list = []
+        self._false_negatives: list = []
+
+    def _keep(self, heap: list, badness: float, name: str, overlay: np.ndarray) -> None:
+        item = (badness, len(self.rows), name, overlay)
+        if len(heap) < self.max_examples:
+            heapq.heappush(heap, item)
+        elif badness > heap[0][0]:
+            heapq.heapreplace(heap, item)
+
+    def _collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        if "label" not in output:
+            return
+        scores = torch.as_tensor(output[SCORE_KEY]).reshape(-1).tolist()
+        labels = torch.as_tensor(output["label"]).reshape(-1).int().tolist()
+        threshold = float(self.network.threshold)
+        names = _sample_names(output, len(scores), len(self.rows))
+        for index, (name, score, label) in enumerate(zip(names, scores, labels)):
+            heap, badness = (self._false_negatives, -score) if label else (self._false_positives, score)
+            if len(heap) < self.max_examples or badness > heap[0][0]:
+                rgb = np.clip(output["image"][index].float().numpy() * self.std + self.mean, 0, 1)
+                overlay = render_overlay(rgb, output[MAP_KEY][index, 0].float().numpy(), threshold)
+                self._keep(heap, badness, name, overlay)
+            self.rows.append((str(name), float(score), int(label)))
+
+    def _gallery(self, heap: list, kind: str, folder: str) -> str:
+        cells = []
+        for rank, (_, _, name, overlay) in enumerate(sorted(heap, reverse=True)):
+            file_name = f"{kind}_{rank:02d}.png"
+            save_png(os.path.join(folder, file_name), overlay)
+            score = [r[1] for r in self.rows if r[0] == name][0]
+            cells.append(
+                f'<figure><img src="report/{file_name}" width="384"><figcaption>{html.escape(name)} '
+                f"(score {score:.4g})</figcaption></figure>"
+            )
+        return "".join(cells) or "<p>none</p>"
+
+    def _write(self, engine: Engine) -> None:
+        rows = gather_rows(self.rows)
+        if idist.get_rank() > 0 or not rows:
+            return
+        scores = np.asarray([r[1] for r in rows])
+        labels = np.asarray([r[2] for r in rows])
+        threshold = float(self.network.threshold)
+        folder = os.path.join(self.output_dir, "report")
+        metrics = {k: v for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
+        table = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in metrics.items())
+        flagged = int((scores >= threshold).sum()) if math.isfinite(threshold) else 0
+        page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Multi-AD evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} figure{{display:inline-block;margin:6px}}
+td{{padding:2px 10px}} figcaption{{font-size:12px}}</style></head><body>
+<h1>Multi-AD evaluation</h1>
+<p>{len(rows)} images ({int(labels.sum())} anomalous); threshold {threshold:.4g} (saved with the model);
+{flagged} images at or above it.</p>
+<table>{table}</table>
+<h2>ROC curve (image scores)</h2>{roc_svg(scores, labels)}
+<h2>Score histograms</h2><p>blue: normal, red: anomalous, dashed: threshold</p>{histogram_svg(scores, labels, threshold)}
+<h2>Worst false positives (normal images, highest scores)</h2>{self._gallery(self._false_positives, "false_positive", folder)}
+<h2>Worst false negatives (anomalous images, lowest scores)</h2>{self._gallery(self._false_negatives, "false_negative", folder)}
+</body></html>
+"""
+        atomic_write_text(os.path.join(self.output_dir, "report.html"), page)
