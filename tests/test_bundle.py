@@ -68,6 +68,15 @@ def test_train_evaluate_infer_end_to_end(tiny_demo_dataset, tmp_path):
     assert all(0.0 <= float(r["normalized_score"]) <= 1.0 for r in rows)
     assert all((float(r["score"]) >= float(checkpoint["threshold"])) == (r["prediction"] == "1") for r in rows)
     assert len(os.listdir(os.path.join(out, "eval", "overlays"))) >= 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    image_tags = set()
+    for name in os.listdir(out):
+        if name.startswith("events.out.tfevents"):
+            events = EventAccumulator(os.path.join(out, name), size_guidance={"images": 0})
+            events.Reload()
+            image_tags |= set(events.Tags()["images"])
+    assert any(tag.startswith("validation_overlays") for tag in image_tags)  # heatmaps in TensorBoard at validation
     report = open(os.path.join(out, "eval", "report.html")).read()
     assert report.count("<svg") == 2 and "AUROC" in report
     for kind in ("false_positive", "false_negative"):  # the worst mistakes, with their overlays, beside it

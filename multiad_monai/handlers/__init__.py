@@ -5,4 +5,4 @@ from .fusion_fit import FusionFitHandler, fit_learned_fusion
 from .volume_writer import VolumeOutputWriter
 from .resume import RandomStates, ResumeHandler
 from .checkpoint import NetworkCheckpointLoader, load_network_checkpoint
-from .report import EvaluationReportWriter
+from .report import EvaluationReportWriter, TensorBoardOverlayHandler

@@ -1,4 +1,5 @@
-"""A self-contained evaluation report: ROC curve, score histograms, the worst mistakes with their overlays."""
+"""Visual reports: a self-contained evaluation page (ROC curve, score histograms, the worst mistakes with their
+overlays) and heatmap overlays of validation images in TensorBoard."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from multiad_monai.handlers.overlay import render_overlay, save_png
 from multiad_monai.handlers.writers import _sample_names, atomic_write_text, gather_rows
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["EvaluationReportWriter", "roc_svg", "histogram_svg"]
+__all__ = ["EvaluationReportWriter", "TensorBoardOverlayHandler", "roc_svg", "histogram_svg"]
 
 _WIDTH, _HEIGHT, _PAD = 360, 260, 36
 
@@ -180,3 +181,59 @@ td{{padding:2px 10px}} figcaption{{font-size:12px}}</style></head><body>
 </body></html>
 """
         atomic_write_text(os.path.join(self.output_dir, "report.html"), page)
+
+
+class TensorBoardOverlayHandler:
+    """During validation, logs the first ``max_images`` validation images with their heatmaps (image |
+    heatmap over it, thresholded region outlined) to TensorBoard, under ``tag`` at the trainer's epoch.
+
+    Args:
+        log_dir: TensorBoard folder (the training output folder).
+        network: module with the ``threshold`` buffer.
+        mean, std: normalisation of the images, undone for display.
+        max_images: images logged per validation.
+        tag: TensorBoard image tag.
+    """
+
+    def __init__(
+        self,
+        log_dir: str,
+        network: torch.nn.Module,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        max_images: int = 4,
+        tag: str = "validation_overlays",
+    ) -> None:
+        self.log_dir = log_dir
+        self.network = network
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+        self.max_images = max_images
+        self.tag = tag
+        self._writer = None
+        self._overlays: list[np.ndarray] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._overlays.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        threshold = float(self.network.threshold)
+        for image, anomaly_map in zip(output["image"], output[MAP_KEY]):
+            if len(self._overlays) >= self.max_images:
+                return
+            rgb = np.clip(image.float().numpy() * self.std + self.mean, 0, 1)
+            self._overlays.append(render_overlay(rgb, anomaly_map[0].float().numpy(), threshold))
+
+    def _write(self, engine: Engine) -> None:
+        if not self._overlays:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        images = np.stack(self._overlays).astype(np.float32) / 255.0  # (N, H, 2W, 3)
+        self._writer.add_images(self.tag, images, global_step=engine.state.epoch, dataformats="NHWC")
+        self._writer.flush()

@@ -1,0 +1,43 @@
+"""MONAI Label app: Multi-AD anomaly maps for the studies of a datastore.
+
+    monailabel start_server --app apps/monailabel --studies /data/studies \
+        --conf model runs/brain/model.pt [--conf bundle multiad_medical] [--conf overrides liver_ct.json] \
+        [--conf settings '{"image_size": 256}']
+
+The infer task ``multiad`` runs the bundle's ``inference.json`` (the bundle is the single source of
+truth) and returns the thresholded anomaly mask as the label, with the volume and per-slice scores and
+the path of the float heatmap in the result JSON (see ``multiad_monai.apps.monailabel_task``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from monailabel.interfaces.app import MONAILabelApp
+
+from multiad_monai.apps.cli import BUNDLES_DIR
+from multiad_monai.apps.monailabel_task import MultiADInferTask
+
+
+class MultiADApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        bundle = conf.get("bundle", "multiad_medical")
+        self.bundle_root = bundle if os.path.isdir(bundle) else os.path.join(BUNDLES_DIR, bundle)
+        self.ckpt_path = conf.get("model", "")
+        self.overrides = [o for o in conf.get("overrides", "").split(",") if o]
+        self.settings = json.loads(conf.get("settings", "{}"))
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Multi-AD",
+            description="Unsupervised anomaly maps (Multi-AD) for reader review",
+            labels={"anomaly": 1},
+        )
+
+    def init_infers(self):
+        if not os.path.isfile(self.ckpt_path):
+            raise FileNotFoundError(f"Multi-AD model not found: {self.ckpt_path!r} (--conf model PATH/model.pt)")
+        task = MultiADInferTask(self.bundle_root, self.ckpt_path, self.overrides, self.settings)
+        return {"multiad": task}

@@ -1,0 +1,107 @@
+"""The MONAI Label app for real: ``monailabel start_server`` on 127.0.0.1 with a generated study, the infer
+endpoint called over HTTP, the returned label checked against the study's grid, a bad study answered with
+an HTTP error while the server stays up.
+
+monailabel needs its own environment (pinned torch, pydicom < 3): ``.ci/run`` builds it in
+``.monailabel-env``; elsewhere set ``MULTIAD_MONAILABEL_ENV`` to such an environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from multiad_monai.apps.cli import main
+from multiad_monai.data import make_demo_volumes
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+ENV = os.environ.get("MULTIAD_MONAILABEL_ENV", os.path.join(REPO, ".monailabel-env"))
+
+
+def _monailabel_env() -> str:
+    if not os.path.isfile(os.path.join(ENV, "bin", "monailabel")):
+        pytest.skip(f"monailabel is not installed in {ENV} (.ci/run builds it; or set MULTIAD_MONAILABEL_ENV)")
+    return ENV
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_monailabel_server_returns_the_anomaly_mask_on_the_study_grid(tmp_path):
+    env = _monailabel_env()
+    cases = make_demo_volumes(str(tmp_path / "cases"), num_cases=3, shape=(40, 36, 24))
+    model_dir = tmp_path / "run"
+    tiny = ["--set", "image_size=64", "--set", "num_epochs=1", "--set", "min_epoch_length=2", "--set", "val_interval=1"]
+    assert main(["train", "--bundle_root", "multiad_medical", "--dataset_dir", cases, "--output_dir", str(model_dir), *tiny]) == 0
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(os.path.join(cases, "case002", "flair.nii.gz"), studies / "study1.nii.gz")
+    (studies / "broken.nii.gz").write_bytes(b"not a volume")
+
+    port = _free_port()
+    command = [
+        os.path.join(env, "bin", "monailabel"), "start_server", "--app", os.path.join(REPO, "apps", "monailabel"),
+        "--studies", str(studies), "--conf", "model", str(model_dir / "model.pt"),
+        "--conf", "settings", '{"image_size":64}', "--host", "127.0.0.1", "--port", str(port),
+    ]
+    environment = {**os.environ, "PATH": os.path.join(env, "bin") + os.pathsep + os.environ["PATH"]}
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/info/", timeout=5) as response:
+                    info = json.loads(response.read())
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(1)
+        assert "multiad" in info["models"]
+
+        status, body = _post(f"{base}/infer/multiad?image=study1&output=image")
+        assert status == 200, body[:500]
+        (tmp_path / "label.nii.gz").write_bytes(body)
+        label = nib.load(str(tmp_path / "label.nii.gz"))
+        study = nib.as_closest_canonical(nib.load(str(studies / "study1.nii.gz")))  # the bundle reads in RAS
+        assert label.shape == study.shape and np.allclose(label.affine, study.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
+
+        status, body = _post(f"{base}/infer/multiad?image=study1&output=json")
+        result = json.loads(body)
+        assert status == 200 and len(result["slice_scores"]) == study.shape[2] and os.path.isfile(result["heatmap"])
+        heatmap = nib.load(result["heatmap"])
+        assert heatmap.shape == study.shape and heatmap.get_data_dtype() == np.float32
+
+        status, body = _post(f"{base}/infer/multiad?image=broken&output=json")
+        assert status == 422 and "broken.nii.gz" in json.loads(body)["detail"]
+        with urllib.request.urlopen(f"{base}/info/", timeout=5) as response:  # the server stays up
+            assert response.status == 200
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
