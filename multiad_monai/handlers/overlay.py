@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["render_overlay", "save_png", "heat_colormap"]
+__all__ = ["render_overlay", "save_png", "heat_colormap", "NetworkOverlays"]
 
 
 def heat_colormap(values: np.ndarray) -> np.ndarray:
@@ -57,3 +59,17 @@ def save_png(path: str, array: np.ndarray) -> None:
     tmp = os.path.join(folder, f".tmp_{os.path.basename(path)}")
     Image.fromarray(array).save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+class NetworkOverlays:
+    """Renders :func:`render_overlay` images of a network's outputs: a normalised ``(C, H, W)`` image tensor
+    (``mean``/``std`` undone for display) and its ``(1, H, W)`` map, outlined at the network's saved threshold."""
+
+    def __init__(self, network: torch.nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.network = network
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor, anomaly_map: torch.Tensor) -> np.ndarray:
+        rgb = np.clip(image.float().numpy() * self.std + self.mean, 0, 1)
+        return render_overlay(rgb, anomaly_map[0].float().numpy(), float(self.network.threshold))

@@ -16,7 +16,7 @@ from ignite.engine import Engine, Events
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from multiad_monai.engines.evaluator import MAP_KEY, SCORE_KEY
-from multiad_monai.handlers.overlay import render_overlay, save_png
+from multiad_monai.handlers.overlay import NetworkOverlays, save_png
 from multiad_monai.handlers.writers import _sample_names, atomic_write_text, gather_rows
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 
@@ -105,8 +105,7 @@ class EvaluationReportWriter:
     ) -> None:
         self.output_dir = output_dir
         self.network = network
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+        self.overlays = NetworkOverlays(network, mean, std)
         self.max_examples = max_examples
 
     def attach(self, engine: Engine) -> None:
@@ -133,14 +132,11 @@ class EvaluationReportWriter:
             return
         scores = torch.as_tensor(output[SCORE_KEY]).reshape(-1).tolist()
         labels = torch.as_tensor(output["label"]).reshape(-1).int().tolist()
-        threshold = float(self.network.threshold)
         names = _sample_names(output, len(scores), len(self.rows))
         for index, (name, score, label) in enumerate(zip(names, scores, labels)):
             heap, badness = (self._false_negatives, -score) if label else (self._false_positives, score)
             if len(heap) < self.max_examples or badness > heap[0][0]:
-                rgb = np.clip(output["image"][index].float().numpy() * self.std + self.mean, 0, 1)
-                overlay = render_overlay(rgb, output[MAP_KEY][index, 0].float().numpy(), threshold)
-                self._keep(heap, badness, name, overlay)
+                self._keep(heap, badness, name, self.overlays(output["image"][index], output[MAP_KEY][index]))
             self.rows.append((str(name), float(score), int(label)))
 
     def _gallery(self, heap: list, kind: str, folder: str) -> str:
@@ -205,9 +201,7 @@ class TensorBoardOverlayHandler:
         tag: str = "validation_overlays",
     ) -> None:
         self.log_dir = log_dir
-        self.network = network
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+        self.overlays = NetworkOverlays(network, mean, std)
         self.max_images = max_images
         self.tag = tag
         self._writer = None
@@ -220,12 +214,10 @@ class TensorBoardOverlayHandler:
 
     def _collect(self, engine: Engine) -> None:
         output = engine.state.output
-        threshold = float(self.network.threshold)
         for image, anomaly_map in zip(output["image"], output[MAP_KEY]):
             if len(self._overlays) >= self.max_images:
                 return
-            rgb = np.clip(image.float().numpy() * self.std + self.mean, 0, 1)
-            self._overlays.append(render_overlay(rgb, anomaly_map[0].float().numpy(), threshold))
+            self._overlays.append(self.overlays(image, anomaly_map))
 
     def _write(self, engine: Engine) -> None:
         if not self._overlays:

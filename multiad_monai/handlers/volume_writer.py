@@ -93,7 +93,7 @@ class VolumeOutputWriter:
                 "name": name,
                 "volume_score": score,
                 "normalized_score": normalized,
-                "anomalous": "" if threshold != threshold else int(score >= threshold),
+                "anomalous": "" if math.isnan(threshold) else int(score >= threshold),
                 "threshold": threshold,
                 **{k: "" if v is None else v for k, v in summary.items()},
                 "anomaly_map": os.path.basename(files["map"]),

@@ -185,10 +185,10 @@ class OverlayWriter:
         max_samples: int | None = None,
         save_raw_maps: bool = False,
     ) -> None:
+        from multiad_monai.handlers.overlay import NetworkOverlays
+
         self.output_dir = output_dir
-        self.network = network
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+        self.overlays = NetworkOverlays(network, mean, std)
         self.max_samples = max_samples
         self.save_raw_maps = save_raw_maps
         self.count = 0
@@ -201,22 +201,19 @@ class OverlayWriter:
         self.count = 0
 
     def __call__(self, engine: Engine) -> None:
-        from multiad_monai.handlers.overlay import render_overlay, save_png
+        from multiad_monai.handlers.overlay import save_png
 
         output = engine.state.output
         images, maps = output["image"], output[MAP_KEY]
         if images.ndim != 4:
             raise ValueError("OverlayWriter handles 2D images; use the volume writer for 3D maps.")
-        threshold = float(self.network.threshold)
         names = _sample_names(output, len(maps), self.count)
         for name, image, amap in zip(names, images, maps):
             if self.max_samples is not None and self.count >= self.max_samples:
                 return
-            rgb = np.clip(image.float().numpy() * self.std + self.mean, 0, 1)
-            amap = amap[0].float().numpy()
             relative = os.path.basename(name) if os.path.isabs(name) else name
             stem = os.path.join(self.output_dir, os.path.splitext(relative)[0])
-            save_png(stem + ".png", render_overlay(rgb, amap, threshold))
+            save_png(stem + ".png", self.overlays(image, amap))
             if self.save_raw_maps:
-                np.save(stem + "_map.npy", amap)
+                np.save(stem + "_map.npy", amap[0].float().numpy())
             self.count += 1
