@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from monai.bundle import ConfigParser
 
 from conftest import BUNDLE_ROOT
 from multiad_monai.apps.cli import bundle_configs, main
+from multiad_monai.data import CheckpointError
+from multiad_monai.handlers import load_exported_network
 from multiad_monai.inferers import VolumeAnomalyInferer, image_score
 
 
@@ -39,7 +42,7 @@ def test_torchscript_export_gives_the_checkpoint_maps(tiny_demo_dataset, tmp_pat
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(output / "model.pt", map_location="cpu", weights_only=True))
     network.eval()
-    scripted = torch.jit.load(str(exported)).eval()
+    scripted = load_exported_network(str(exported))
     dataset = parser.get_parsed_content("dataset")  # the test images through the bundle's own preprocessing
     images = torch.stack([torch.as_tensor(dataset[i]["image"]) for i in range(len(dataset))])
     with torch.inference_mode():
@@ -54,3 +57,10 @@ def test_torchscript_export_gives_the_checkpoint_maps(tiny_demo_dataset, tmp_pat
     eager_map, eager_scores, _ = VolumeAnomalyInferer(network, image_size=64, device="cpu")(volume)
     torch.testing.assert_close(ts_map.as_tensor(), eager_map.as_tensor(), atol=1e-5, rtol=1e-5)
     assert abs(ts_scores - eager_scores).max() < 1e-5
+
+    # a damaged export, or a plain checkpoint given as an export: one error naming the file
+    damaged = tmp_path / "damaged.ts"
+    damaged.write_bytes(exported.read_bytes()[:2000])
+    for bad in (damaged, output / "model.pt"):
+        with pytest.raises(CheckpointError, match=bad.name):
+            load_exported_network(str(bad))

@@ -8,6 +8,7 @@ monailabel needs its own environment (pinned torch, pydicom < 3): ``.ci/run`` bu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import urllib.request
 import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
 
 from multiad_monai.apps.cli import main
 from multiad_monai.data import make_demo_volumes
@@ -50,6 +52,37 @@ def _post(url: str) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
+@contextlib.contextmanager
+def _server(env: str, studies, model, tmp_path, bundle: str = "multiad_medical"):
+    """A running ``monailabel start_server`` for ``studies``: yields (base URL, /info/ JSON); stopped after."""
+    port = _free_port()
+    command = [
+        os.path.join(env, "bin", "monailabel"), "start_server", "--app", os.path.join(REPO, "apps", "monailabel"),
+        "--studies", str(studies), "--conf", "model", str(model), "--conf", "bundle", bundle,
+        "--conf", "settings", '{"image_size":64}', "--host", "127.0.0.1", "--port", str(port),
+    ]
+    environment = {**os.environ, "PATH": os.path.join(env, "bin") + os.pathsep + os.environ["PATH"]}
+    log_path = tmp_path / f"server_{port}.log"
+    log = open(log_path, "w")
+    server = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/info/", timeout=5) as response:
+                    info = json.loads(response.read())
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+                time.sleep(1)
+        yield base, info
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+
+
 def test_monailabel_server_returns_the_anomaly_mask_on_the_study_grid(tmp_path):
     env = _monailabel_env()
     cases = make_demo_volumes(str(tmp_path / "cases"), num_cases=3, shape=(40, 36, 24))
@@ -61,26 +94,7 @@ def test_monailabel_server_returns_the_anomaly_mask_on_the_study_grid(tmp_path):
     shutil.copy(os.path.join(cases, "case002", "flair.nii.gz"), studies / "study1.nii.gz")
     (studies / "broken.nii.gz").write_bytes(b"not a volume")
 
-    port = _free_port()
-    command = [
-        os.path.join(env, "bin", "monailabel"), "start_server", "--app", os.path.join(REPO, "apps", "monailabel"),
-        "--studies", str(studies), "--conf", "model", str(model_dir / "model.pt"),
-        "--conf", "settings", '{"image_size":64}', "--host", "127.0.0.1", "--port", str(port),
-    ]
-    environment = {**os.environ, "PATH": os.path.join(env, "bin") + os.pathsep + os.environ["PATH"]}
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/info/", timeout=5) as response:
-                    info = json.loads(response.read())
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(1)
+    with _server(env, studies, model_dir / "model.pt", tmp_path) as (base, info):
         assert "multiad" in info["models"]
 
         status, body = _post(f"{base}/infer/multiad?image=study1&output=image")
@@ -96,12 +110,41 @@ def test_monailabel_server_returns_the_anomaly_mask_on_the_study_grid(tmp_path):
         assert status == 200 and len(result["slice_scores"]) == study.shape[2] and os.path.isfile(result["heatmap"])
         heatmap = nib.load(result["heatmap"])
         assert heatmap.shape == study.shape and heatmap.get_data_dtype() == np.float32
+        # the reader fetches the float heatmap over HTTP from the datastore
+        stored = result["heatmap_label"]
+        with urllib.request.urlopen(f"{base}/datastore/label?label={stored['label']}&tag={stored['tag']}", timeout=60) as response:
+            (tmp_path / "heatmap.nii.gz").write_bytes(response.read())
+        fetched = nib.load(str(tmp_path / "heatmap.nii.gz"))
+        assert fetched.shape == study.shape and np.allclose(np.asarray(fetched.dataobj), np.asarray(heatmap.dataobj))
 
         status, body = _post(f"{base}/infer/multiad?image=broken&output=json")
         assert status == 422 and "broken.nii.gz" in json.loads(body)["detail"]
         with urllib.request.urlopen(f"{base}/info/", timeout=5) as response:  # the server stays up
             assert response.status == 200
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-        log.close()
+
+
+def test_monailabel_server_with_a_2d_model(tiny_demo_dataset, tmp_path):
+    """The 2D bundle served: an image study gets a PNG mask of its size; a volume is refused with 422."""
+    env = _monailabel_env()
+    model_dir = tmp_path / "run"
+    tiny = ["--set", "image_size=64", "--set", "num_epochs=1", "--set", "min_epoch_length=2", "--set", "val_interval=1"]
+    assert main(["train", "--dataset_dir", tiny_demo_dataset, "--output_dir", str(model_dir), *tiny]) == 0
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    image = Image.open(os.path.join(tiny_demo_dataset, "test", "scratch", "000.png")).resize((80, 70))
+    image.save(studies / "part1.png")
+    volume = make_demo_volumes(str(tmp_path / "cases"), num_cases=2, shape=(24, 24, 16))
+    shutil.copy(os.path.join(volume, "case000", "flair.nii.gz"), studies / "scan1.nii.gz")
+
+    with _server(env, studies, model_dir / "model.pt", tmp_path, bundle="multiad_2d") as (base, info):
+        assert info["models"]["multiad"]["dimension"] == 2
+        status, body = _post(f"{base}/infer/multiad?image=part1&output=image")
+        assert status == 200, body[:500]
+        (tmp_path / "label.png").write_bytes(body)
+        label = np.asarray(Image.open(tmp_path / "label.png"))
+        assert label.shape == (70, 80) and set(np.unique(label)) <= {0, 1}
+        status, body = _post(f"{base}/infer/multiad?image=part1&output=json")
+        result = json.loads(body)
+        assert status == 200 and {"score", "normalized_score", "anomalous", "heatmap"} <= set(result)
+        status, body = _post(f"{base}/infer/multiad?image=scan1&output=json")
+        assert status == 422 and "not a 2D image" in json.loads(body)["detail"]

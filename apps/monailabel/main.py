@@ -5,8 +5,9 @@
         [--conf settings '{"image_size": 256}']
 
 The infer task ``multiad`` runs the bundle's ``inference.json`` (the bundle is the single source of
-truth) and returns the thresholded anomaly mask as the label, with the volume and per-slice scores and
-the path of the float heatmap in the result JSON (see ``multiad_monai.apps.monailabel_task``).
+truth) and returns the thresholded anomaly mask as the label, with the scores in the result JSON (see
+``multiad_monai.apps.monailabel_task``); ``--conf bundle multiad_2d`` serves 2D images instead of volumes. The float heatmap is saved in the datastore
+as a label of the study with tag ``anomaly_heatmap``: ``GET /datastore/label?label=<study>&tag=anomaly_heatmap``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from monailabel.interfaces.app import MONAILabelApp
 
 from multiad_monai.apps.cli import BUNDLES_DIR
 from multiad_monai.apps.monailabel_task import MultiADInferTask
+
+
+HEATMAP_TAG = "anomaly_heatmap"
 
 
 class MultiADApp(MONAILabelApp):
@@ -41,3 +45,16 @@ class MultiADApp(MONAILabelApp):
             raise FileNotFoundError(f"Multi-AD model not found: {self.ckpt_path!r} (--conf model PATH/model.pt)")
         task = MultiADInferTask(self.bundle_root, self.ckpt_path, self.overrides, self.settings)
         return {"multiad": task}
+
+    def infer(self, request, datastore=None):
+        result = super().infer(request, datastore)
+        params = result.get("params") or {}
+        heatmap = params.get("heatmap")
+        image_id = request.get("image")
+        store = datastore if datastore else self.datastore()
+        # studies of the datastore get their heatmap stored beside them, so a reader can fetch it over HTTP
+        volume_map = isinstance(heatmap, str) and heatmap.endswith(".nii.gz")  # 2D heatmaps are overlays, not labels
+        if volume_map and os.path.isfile(heatmap) and isinstance(image_id, str) and not os.path.exists(image_id):
+            label_id = store.save_label(image_id, heatmap, HEATMAP_TAG, {"model": request.get("model")})
+            params["heatmap_label"] = {"label": label_id, "tag": HEATMAP_TAG}
+        return result

@@ -3,34 +3,45 @@
 Needs ``monailabel`` (its own environment, see the app in ``apps/monailabel``). The bundle stays the single
 source of truth: the task reads the bundle's configs as MONAI Label's ``monaibundle`` app does, sets
 ``input_path`` to the requested image and ``inference_dir`` to a temporary folder, and runs the
-``inferring`` workflow. The label returned is the thresholded anomaly mask (NIfTI, on the study's grid
-in RAS); the result JSON holds the volume and per-slice scores, the threshold, the normalised score,
-and the path of the float anomaly map (heatmap) written beside the mask.
+``inferring`` workflow. The label returned is the thresholded anomaly mask (NIfTI on the study's grid in
+RAS for volumes, PNG of the image's size for 2D images); the result JSON holds the scores, the threshold,
+the normalised score and the path of the heatmap (the float NIfTI map of a volume, the overlay PNG of an
+image), kept for the reader.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import tempfile
 from typing import Any
 
+import numpy as np
+import torch
 from fastapi import HTTPException
 from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from PIL import Image
 
 from multiad_monai.apps.cli import _defines, bundle_configs, root_cause, run_bundle
 from multiad_monai.data.errors import DatasetError
+from multiad_monai.data.mvtec import IMAGE_EXTENSIONS
 
 __all__ = ["MultiADInferTask"]
 
 
 class MultiADInferTask(InferTask):
-    """Anomaly map and mask of one volume (or 2D image) through a bundle's inference workflow.
+    """Anomaly map and mask of one study through a bundle's inference workflow.
+
+    A volumetric bundle (its inference config has ``input_path``, e.g. ``multiad_medical``) takes volumes and
+    returns a NIfTI mask on the study's grid (RAS). A 2D bundle (``multiad_2d``) takes a 2D image and returns a
+    PNG mask (0/1) of the image's size; a volume sent to it is refused with HTTP 422 (slicing needs a
+    volumetric bundle).
 
     Args:
-        bundle_root: the bundle folder (``bundles/multiad_medical`` for volumes).
+        bundle_root: the bundle folder.
         ckpt_path: the trained ``model.pt``.
         overrides: extra config files of the bundle (e.g. ``["liver_ct.json"]``).
         settings: more config keys (e.g. ``{"image_size": 256}``), as on the ``multiad`` command line.
@@ -45,27 +56,40 @@ class MultiADInferTask(InferTask):
         settings: dict[str, Any] | None = None,
         heatmap_dir: str | None = None,
     ) -> None:
+        self.bundle_root = os.path.abspath(bundle_root)
+        parser = ConfigParser()
+        parser.read_config(bundle_configs(self.bundle_root, "inferring", overrides))
+        self.volumetric = _defines(parser, "input_path")
         super().__init__(
             type=InferType.SEGMENTATION,
             labels={"anomaly": 1},
-            dimension=3,
+            dimension=3 if self.volumetric else 2,
             description="Multi-AD unsupervised anomaly map; label = region at or above the saved threshold",
         )
-        self.bundle_root = os.path.abspath(bundle_root)
         self.ckpt_path = os.path.abspath(ckpt_path)
         self.overrides = list(overrides or [])
         self.settings = dict(settings or {})
         self.heatmap_dir = heatmap_dir or os.path.join(os.path.dirname(self.ckpt_path), "monailabel_heatmaps")
-        parser = ConfigParser()
-        parser.read_config(bundle_configs(self.bundle_root, "inferring", self.overrides))
-        if not _defines(parser, "input_path"):
-            raise ValueError(
-                f"{self.bundle_root} has no volumetric inference (no 'input_path' in its inference config): the app "
-                "serves volume bundles such as multiad_medical; run 2D images with `multiad infer`."
-            )
 
     def is_valid(self) -> bool:
         return os.path.isfile(self.ckpt_path)
+
+    def _run(self, work_dir: str, **inputs: str) -> None:
+        try:
+            run_bundle(
+                self.bundle_root,
+                "inferring",
+                self.overrides,
+                **self.settings,
+                **inputs,
+                ckpt_path=self.ckpt_path,
+                inference_dir=work_dir,
+                output_dir=work_dir,
+            )
+        except Exception as error:  # one clear message back to the client; the server stays up
+            cause = root_cause(error)
+            status = 422 if isinstance(cause, DatasetError) else 500  # 422: the study cannot be used as given
+            raise HTTPException(status_code=status, detail=f"{type(cause).__name__}: {cause}") from error
 
     def __call__(self, request: dict) -> tuple[str | None, dict]:
         image = request.get("image")
@@ -73,36 +97,62 @@ class MultiADInferTask(InferTask):
             raise HTTPException(status_code=404, detail=f"study image not found: {image!r}")
         work_dir = tempfile.mkdtemp(prefix="multiad_")
         try:
-            run_bundle(
-                self.bundle_root,
-                "inferring",
-                self.overrides,
-                **self.settings,
-                ckpt_path=self.ckpt_path,
-                input_path=image,
-                inference_dir=work_dir,
-                output_dir=work_dir,
-            )
-        except Exception as error:  # one clear message back to the client; the server stays up
+            return self._volume(image, work_dir) if self.volumetric else self._image(image, work_dir)
+        finally:
             shutil.rmtree(work_dir, ignore_errors=True)
-            cause = root_cause(error)
-            status = 422 if isinstance(cause, DatasetError) else 500  # 422: the study cannot be used as given
-            raise HTTPException(status_code=status, detail=f"{type(cause).__name__}: {cause}") from error
+
+    def _volume(self, image: str, work_dir: str) -> tuple[str | None, dict]:
+        self._run(work_dir, input_path=image)
         scores_files = [f for f in os.listdir(work_dir) if f.endswith("_scores.json")]
         if len(scores_files) != 1:
-            shutil.rmtree(work_dir, ignore_errors=True)
             raise HTTPException(status_code=500, detail=f"inference of {image!r} wrote {len(scores_files)} results")
         with open(os.path.join(work_dir, scores_files[0])) as f:
             result = json.load(f)
-        mask = os.path.join(work_dir, result["files"].get("mask", "")) if "mask" in result["files"] else None
-        os.makedirs(self.heatmap_dir, exist_ok=True)
-        heatmap = os.path.join(self.heatmap_dir, result["files"]["map"])
-        shutil.move(os.path.join(work_dir, result["files"]["map"]), heatmap)
-        result["heatmap"] = heatmap
-        if mask is None:
+        result["heatmap"] = self._keep_heatmap(os.path.join(work_dir, result["files"]["map"]))
+        if "mask" not in result["files"]:
             return None, result
         # MONAI Label deletes the returned label file once it is sent
         label = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
-        shutil.move(mask, label)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.move(os.path.join(work_dir, result["files"]["mask"]), label)
         return label, result
+
+    def _image(self, image: str, work_dir: str) -> tuple[str | None, dict]:
+        if os.path.isdir(image) or not image.lower().endswith(IMAGE_EXTENSIONS):
+            raise HTTPException(
+                status_code=422,
+                detail=f"{image!r} is not a 2D image: this model takes images; volumes need a volumetric bundle "
+                "(multiad_medical), which cuts them into slices",
+            )
+        input_dir = os.path.join(work_dir, "input")
+        os.makedirs(input_dir)
+        shutil.copy(image, input_dir)
+        self._run(work_dir, input_dir=input_dir)
+        with open(os.path.join(work_dir, "scores.csv")) as f:
+            row = next(csv.DictReader(f))
+        name = os.path.splitext(os.path.basename(image))[0]
+        anomaly_map = np.load(os.path.join(work_dir, "maps", f"{name}_map.npy"))
+        with Image.open(image) as original:
+            size = original.size
+        # the map is at the network's size: back to the image's, so the label overlays the study
+        full_map = np.asarray(Image.fromarray(anomaly_map.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
+        heatmap = self._keep_heatmap(os.path.join(work_dir, "maps", f"{name}.png"))
+        result = {
+            "name": name,
+            "score": float(row["score"]),
+            "normalized_score": float(row["normalized_score"]),
+            "anomalous": row["prediction"] == "1",
+            "heatmap": heatmap,
+        }
+        threshold = float(torch.load(self.ckpt_path, map_location="cpu", weights_only=True)["threshold"])
+        if not np.isfinite(threshold):
+            return None, result
+        result["threshold"] = threshold
+        label = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
+        Image.fromarray((full_map >= threshold).astype(np.uint8)).save(label)
+        return label, result
+
+    def _keep_heatmap(self, path: str) -> str:
+        os.makedirs(self.heatmap_dir, exist_ok=True)
+        kept = os.path.join(self.heatmap_dir, os.path.basename(path))
+        shutil.move(path, kept)
+        return kept

@@ -4,5 +4,5 @@ from .writers import MetricsJSONWriter, OverlayWriter, ScoreTableWriter, atomic_
 from .fusion_fit import FusionFitHandler, fit_learned_fusion
 from .volume_writer import VolumeOutputWriter
 from .resume import RandomStates, ResumeHandler
-from .checkpoint import NetworkCheckpointLoader, load_network_checkpoint
-from .report import EvaluationReportWriter, TensorBoardOverlayHandler
+from .checkpoint import NetworkCheckpointLoader, load_exported_network, load_network_checkpoint
+from .report import EvaluationReportWriter, TensorBoardOverlayHandler, VolumeEvaluationReportWriter

@@ -10,7 +10,7 @@ from ignite.engine import Engine
 
 from multiad_monai.data.errors import CheckpointError
 
-__all__ = ["NetworkCheckpointLoader", "load_network_checkpoint"]
+__all__ = ["NetworkCheckpointLoader", "load_network_checkpoint", "load_exported_network"]
 
 
 def load_network_checkpoint(path: str, network: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
@@ -70,3 +70,23 @@ class NetworkCheckpointLoader:
 
     def attach(self, engine: Engine) -> None:
         load_network_checkpoint(self.load_path, self.network, self.map_location)
+
+
+def load_exported_network(path: str, map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """Load a TorchScript export (``python -m monai.bundle ckpt_export ...``) for inference.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: naming ``path``, when it is not a readable TorchScript file (truncated, corrupt, a plain
+            checkpoint) or lacks the saved ``threshold``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"exported model not found: {path}")
+    try:
+        module = torch.jit.load(path, map_location=map_location)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"exported model {path} cannot be loaded ({reason}); export it again.") from error
+    if not hasattr(module, "threshold"):
+        raise CheckpointError(f"exported model {path} has no saved threshold: it is not a Multi-AD export.")
+    return module.eval()

@@ -20,7 +20,7 @@ from multiad_monai.handlers.overlay import NetworkOverlays, save_png
 from multiad_monai.handlers.writers import _sample_names, atomic_write_text, gather_rows
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["EvaluationReportWriter", "TensorBoardOverlayHandler", "roc_svg", "histogram_svg"]
+__all__ = ["EvaluationReportWriter", "VolumeEvaluationReportWriter", "TensorBoardOverlayHandler", "roc_svg", "histogram_svg"]
 
 _WIDTH, _HEIGHT, _PAD = 360, 260, 36
 
@@ -229,3 +229,76 @@ class TensorBoardOverlayHandler:
         images = np.stack(self._overlays).astype(np.float32) / 255.0  # (N, H, 2W, 3)
         self._writer.add_images(self.tag, images, global_step=engine.state.epoch, dataformats="NHWC")
         self._writer.flush()
+
+
+class VolumeEvaluationReportWriter:
+    """After a volume evaluation epoch, writes ``report.html``: the metrics, the slice-level ROC curve and score
+    histograms (slices whose foreground covers ``min_foreground`` of the plane; anomalous = holds a lesion
+    voxel), and the per-volume table (score, decision, lesion and predicted voxels, Dice at the threshold).
+
+    Args:
+        output_dir: folder of ``report.html`` (the evaluation folder, beside the NIfTI maps it links to).
+        axis, min_foreground: as the volume metrics.
+    """
+
+    def __init__(self, output_dir: str, axis: int = 2, min_foreground: float = 0.1) -> None:
+        self.output_dir = output_dir
+        self.axis = axis
+        self.min_foreground = min_foreground
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.volumes: list[dict] = []
+        self.slices: list[tuple[float, int]] = []
+
+    def _collect(self, engine: Engine) -> None:
+        from multiad_monai.metrics.volume import slice_labels, volume_case_summary
+
+        output = engine.state.output
+        threshold = float(output["threshold"])
+        label, foreground = output.get("label"), output.get("foreground")
+        summary = volume_case_summary(output[MAP_KEY], label, foreground, threshold)
+        score = float(output[SCORE_KEY].reshape(-1)[0])
+        self.volumes.append({"name": str(output["name"]), "score": score, "threshold": threshold, **summary})
+        if label is not None:
+            lesion = np.asarray(label).reshape(np.asarray(label).shape[-3:]) > 0
+            inside = None if foreground is None else np.asarray(foreground).reshape(lesion.shape) > 0
+            eligible, anomalous = slice_labels(lesion if inside is None else lesion & inside, inside, self.axis, self.min_foreground)
+            slice_scores = np.asarray(output["slice_scores"], dtype=np.float64)
+            self.slices += [(float(s), int(a)) for s, a in zip(slice_scores[eligible], anomalous[eligible])]
+
+    def _write(self, engine: Engine) -> None:
+        volumes, slices = gather_rows(self.volumes), gather_rows(self.slices)
+        if idist.get_rank() > 0 or not volumes:
+            return
+        metrics = {k: v for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
+        table = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in metrics.items())
+        header = ("volume", "score", "flagged", "foreground voxels", "lesion voxels", "predicted voxels", "Dice", "map")
+        rows = []
+        for v in volumes:
+            flagged = "" if not math.isfinite(v["threshold"]) else ("yes" if v["score"] >= v["threshold"] else "no")
+            cells = [html.escape(v["name"]), f"{v['score']:.4g}", flagged, v["foreground_voxels"], v["lesion_voxels"], v["predicted_voxels"]]
+            cells += ["" if v["dice"] is None else f"{v['dice']:.3f}", f'<a href="{html.escape(v["name"])}_anomaly_map.nii.gz">NIfTI</a>']
+            rows.append("<tr>" + "".join(f"<td>{'' if c is None else c}</td>" for c in cells) + "</tr>")
+        plots = ""
+        if slices:
+            scores, labels = np.asarray([s for s, _ in slices]), np.asarray([a for _, a in slices])
+            threshold = float(volumes[0]["threshold"])
+            plots = (
+                f"<h2>Slice-level ROC ({len(slices)} slices, {int(labels.sum())} with lesions)</h2>{roc_svg(scores, labels)}"
+                f"<h2>Slice score histograms</h2><p>blue: normal, red: with lesion, dashed: threshold</p>"
+                f"{histogram_svg(scores, labels, threshold)}"
+            )
+        page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Multi-AD volume evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} td,th{{padding:2px 10px}}</style></head><body>
+<h1>Multi-AD volume evaluation</h1>
+<table>{table}</table>{plots}
+<h2>Volumes</h2><table><tr>{"".join(f"<th>{h}</th>" for h in header)}</tr>{"".join(rows)}</table>
+</body></html>
+"""
+        atomic_write_text(os.path.join(self.output_dir, "report.html"), page)
