@@ -22,6 +22,7 @@ import urllib.request
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from multiad_monai.apps.cli import main
@@ -148,3 +149,17 @@ def test_monailabel_server_with_a_2d_model(tiny_demo_dataset, tmp_path):
         assert status == 200 and {"score", "normalized_score", "anomalous", "heatmap"} <= set(result)
         status, body = _post(f"{base}/infer/multiad?image=scan1&output=json")
         assert status == 422 and "not a 2D image" in json.loads(body)["detail"]
+
+
+def test_model_without_threshold_or_file_is_refused_at_start(tmp_path):
+    env = _monailabel_env()
+    checkpoint = tmp_path / "no_threshold.pt"
+    torch.save({"threshold": torch.tensor(float("nan")), "score_scale": torch.tensor(1.0)}, checkpoint)
+    script = (
+        "import sys; from multiad_monai.apps.monailabel_task import MultiADInferTask\n"
+        "try:\n    MultiADInferTask(sys.argv[1], sys.argv[2])\nexcept (ValueError, FileNotFoundError) as e:\n    print(e)"
+    )
+    bundle = os.path.join(REPO, "bundles", "multiad_medical")
+    for model, expected in ((checkpoint, "no saved anomaly threshold"), (tmp_path / "missing.pt", "model not found")):
+        result = subprocess.run([os.path.join(env, "bin", "python"), "-c", script, bundle, str(model)], capture_output=True, text=True)
+        assert expected in result.stdout and str(model) in result.stdout, result.stdout + result.stderr[-2000:]

@@ -41,8 +41,7 @@ class MultiADApp(MONAILabelApp):
         )
 
     def init_infers(self):
-        if not os.path.isfile(self.ckpt_path):
-            raise FileNotFoundError(f"Multi-AD model not found: {self.ckpt_path!r} (--conf model PATH/model.pt)")
+        # a missing model, or one without a saved threshold, stops the server at start with one message
         task = MultiADInferTask(self.bundle_root, self.ckpt_path, self.overrides, self.settings)
         return {"multiad": task}
 

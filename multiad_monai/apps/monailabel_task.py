@@ -32,6 +32,22 @@ from multiad_monai.data.mvtec import IMAGE_EXTENSIONS
 __all__ = ["MultiADInferTask"]
 
 
+def _saved_threshold(ckpt_path: str) -> float:
+    """The anomaly threshold saved in a training checkpoint; an error naming the file when there is none."""
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"Multi-AD model {ckpt_path!r} cannot be read ({error})") from error
+    state = state.get("network", state) if isinstance(state, dict) else state
+    threshold = float(state["threshold"]) if isinstance(state, dict) and "threshold" in state else float("nan")
+    if not np.isfinite(threshold):
+        raise ValueError(
+            f"Multi-AD model {ckpt_path!r} has no saved anomaly threshold (no validation ran in training), so no "
+            "mask can be made: train with validation (val_interval <= num_epochs)."
+        )
+    return threshold
+
+
 class MultiADInferTask(InferTask):
     """Anomaly map and mask of one study through a bundle's inference workflow.
 
@@ -67,6 +83,9 @@ class MultiADInferTask(InferTask):
             description="Multi-AD unsupervised anomaly map; label = region at or above the saved threshold",
         )
         self.ckpt_path = os.path.abspath(ckpt_path)
+        if not os.path.isfile(self.ckpt_path):
+            raise FileNotFoundError(f"Multi-AD model not found: {self.ckpt_path!r} (--conf model PATH/model.pt)")
+        self.threshold = _saved_threshold(self.ckpt_path)
         self.overrides = list(overrides or [])
         self.settings = dict(settings or {})
         self.heatmap_dir = heatmap_dir or os.path.join(os.path.dirname(self.ckpt_path), "monailabel_heatmaps")
@@ -143,12 +162,9 @@ class MultiADInferTask(InferTask):
             "anomalous": row["prediction"] == "1",
             "heatmap": heatmap,
         }
-        threshold = float(torch.load(self.ckpt_path, map_location="cpu", weights_only=True)["threshold"])
-        if not np.isfinite(threshold):
-            return None, result
-        result["threshold"] = threshold
+        result["threshold"] = self.threshold
         label = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
-        Image.fromarray((full_map >= threshold).astype(np.uint8)).save(label)
+        Image.fromarray((full_map >= self.threshold).astype(np.uint8)).save(label)
         return label, result
 
     def _keep_heatmap(self, path: str) -> str:
