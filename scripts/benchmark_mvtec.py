@@ -20,7 +20,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.networks.layers import GaussianFilter
 
-from multiad_monai.apps.cli import DEFAULT_BUNDLE, _parse_value, bundle_configs, run_bundle
+from multiad_monai.apps.cli import DEFAULT_BUNDLE, bundle_configs, parse_settings, run_bundle
 from multiad_monai.engines.utils import to_device
 from multiad_monai.inferers import image_score
 from multiad_monai.metrics import aupro, image_auroc, pixel_auroc
@@ -94,9 +94,7 @@ def main() -> None:
     ap.add_argument("--skip_variants", action="store_true", help="no fusion/sigma variants (needed without pixel masks)")
     args = ap.parse_args()
     values = {"dataset_dir": os.path.abspath(args.dataset_dir), "output_dir": os.path.abspath(args.output_dir)}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        values[key] = _parse_value(value)
+    values.update(parse_settings(args.set))
     report: dict = {"dataset_dir": values["dataset_dir"], "overrides": args.override, "set": args.set, "threads": torch.get_num_threads()}
 
     if not args.skip_train:

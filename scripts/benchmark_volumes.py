@@ -24,7 +24,7 @@ import time
 
 from _measure import run_measured
 
-from multiad_monai.apps.cli import _parse_value, run_bundle
+from multiad_monai.apps.cli import parse_settings, run_bundle
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "multiad_medical")
 
@@ -42,9 +42,7 @@ def main() -> None:
     parser.add_argument("--skip_train", action="store_true", help="reuse OUTPUT_DIR/model.pt")
     args = parser.parse_args()
     values = {"dataset_dir": os.path.abspath(args.dataset_dir), "output_dir": os.path.abspath(args.output_dir)}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        values[key] = _parse_value(value)
+    values.update(parse_settings(args.set))
 
     report: dict = {"dataset_dir": values["dataset_dir"], "overrides": args.override, "settings": values}
     if not args.skip_train:

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-__all__ = ["main", "bundle_configs", "check_override_keys", "run_bundle", "root_cause", "DEFAULT_BUNDLE"]
+__all__ = ["main", "bundle_configs", "check_override_keys", "parse_settings", "run_bundle", "root_cause", "DEFAULT_BUNDLE"]
 
 BUNDLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bundles")
 DEFAULT_BUNDLE = os.path.join(BUNDLES_DIR, "multiad_2d")
@@ -94,6 +94,21 @@ def _defines(parser, key: str) -> bool:
     return True
 
 
+def parse_settings(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings as a dict; values are JSON when they parse as JSON, text otherwise.
+
+    Raises:
+        ValueError: an item without ``=``.
+    """
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
+        values[key] = _parse_value(value)
+    return values
+
+
 def _parse_value(text: str):
     try:
         return json.loads(text)
@@ -118,12 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config key override (repeatable)")
     args = parser.parse_args(argv)
 
-    values = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set needs KEY=VALUE, got {item!r}")
-        values[key] = _parse_value(value)
+    try:
+        values = parse_settings(args.set)
+    except ValueError as error:
+        parser.error(str(error))
+    user_keys = list(values)
     if args.output_dir:
         values["output_dir"] = os.path.abspath(args.output_dir)
     if args.dataset_dir is not None:
@@ -134,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     bundle_root = os.path.abspath(bundle_root)
 
     workflows = {"demo": ["training", "evaluating"], "train": ["training"], "evaluate": ["evaluating"], "infer": ["inferring"]}
-    user_keys = [item.partition("=")[0] for item in args.set]
     try:
         check_override_keys(bundle_root, workflows[args.command], args.override, user_keys)
     except (ValueError, FileNotFoundError) as error:

@@ -13,4 +13,5 @@ from .cases import (
     split_cases,
     volume_folder_datalist,
     volume_inference_datalist,
+    volume_stem,
 )

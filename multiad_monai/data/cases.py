@@ -18,6 +18,7 @@ __all__ = [
     "volume_inference_datalist",
     "resolve_volume_dataset_dir",
     "VOLUME_EXTENSIONS",
+    "volume_stem",
 ]
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -119,9 +120,10 @@ def split_cases(
     return train, test
 
 
-def _volume_name(path: str) -> str:
+def volume_stem(path: str) -> str:
+    """The name of a volume file or DICOM folder without folders and without its volume file ending."""
     name = os.path.basename(os.path.normpath(path))
-    for ending in VOLUME_EXTENSIONS:
+    for ending in (*VOLUME_EXTENSIONS, ".dcm"):
         if name.lower().endswith(ending):
             return name[: -len(ending)]
     return name
@@ -150,17 +152,17 @@ def volume_folder_datalist(path: str) -> list[dict]:
     """Items ``{"image", "name"}`` for inference: one volume file, a DICOM series folder, or a folder of
     volume files and DICOM series sub-folders (sorted)."""
     if os.path.isfile(path):
-        return [{"image": path, "name": _volume_name(path)}]
+        return [{"image": path, "name": volume_stem(path)}]
     if not os.path.isdir(path):
         raise DatasetError(f"input not found: {path}")
     entries = sorted(e for e in os.listdir(path) if not e.startswith("."))
     if _holds_dicom(path):
-        return [{"image": path, "name": _volume_name(path)}]
+        return [{"image": path, "name": volume_stem(path)}]
     items = []
     for entry in entries:
         full = os.path.join(path, entry)
         if os.path.isfile(full) and entry.lower().endswith(VOLUME_EXTENSIONS):
-            items.append({"image": full, "name": _volume_name(full)})
+            items.append({"image": full, "name": volume_stem(full)})
         elif os.path.isdir(full) and _holds_dicom(full):
             items.append({"image": full, "name": entry})
     if not items:

@@ -13,7 +13,6 @@ Image extensions png/jpg/jpeg/bmp/tif/tiff are accepted in any letter case.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import os
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from multiad_monai.atomic import atomic_path
 from multiad_monai.data.errors import DatasetError
 
 __all__ = [
@@ -247,6 +247,14 @@ def _check_item(item: dict) -> list[str]:
     return problems
 
 
+def _problems_per_item(items: list[dict], num_workers: int = 4) -> list[list[str]]:
+    """The problems of each item (see :func:`_check_item`), files decoded in threads; an empty datalist is an error."""
+    if not items:
+        raise DatasetError("The datalist is empty.")
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        return list(pool.map(_check_item, items))
+
+
 def check_datalist(datalist: Sequence[dict], num_workers: int = 4) -> None:
     """Check that every image and mask of a datalist decodes and that masks match their image size.
 
@@ -260,11 +268,7 @@ def check_datalist(datalist: Sequence[dict], num_workers: int = 4) -> None:
     Raises:
         DatasetError: listing every unreadable, truncated or missing file and every size mismatch.
     """
-    items = list(datalist)
-    if not items:
-        raise DatasetError("The datalist is empty.")
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        problems = [p for item_problems in pool.map(_check_item, items) for p in item_problems]
+    problems = [p for item_problems in _problems_per_item(list(datalist), num_workers) for p in item_problems]
     if problems:
         raise DatasetError(_join_problems(f"{len(problems)} problem(s) in the datalist", problems))
 
@@ -281,20 +285,14 @@ def readable_datalist(datalist: Sequence[dict], skip_bad_files: bool = False, re
     if not skip_bad_files:
         check_datalist(items)
         return items
-    if not items:
-        raise DatasetError("The datalist is empty.")
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        problems = list(pool.map(_check_item, items))
+    problems = _problems_per_item(items)
     usable = [item for item, item_problems in zip(items, problems) if not item_problems]
     skipped = [(item.get("image", ""), "; ".join(p)) for item, p in zip(items, problems) if p]
     if report_path is not None:
-        from multiad_monai.handlers.writers import atomic_write_text  # handlers import data: import late
-
-        table = io.StringIO()
-        writer = csv.writer(table, lineterminator="\n")
-        writer.writerow(("image", "problem"))
-        writer.writerows(skipped)
-        atomic_write_text(report_path, table.getvalue())
+        with atomic_path(report_path, suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(("image", "problem"))
+            writer.writerows(skipped)
     if skipped:
         logging.getLogger(__name__).warning(
             f"skipped {len(skipped)} unusable file(s) of {len(items)}" + (f", listed in {report_path}" if report_path else "")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
+
+from multiad_monai.atomic import atomic_path
+
 
 __all__ = ["render_overlay", "save_png", "heat_colormap", "NetworkOverlays"]
 
@@ -54,11 +56,8 @@ def render_overlay(
 
 def save_png(path: str, array: np.ndarray) -> None:
     """Saves a uint8 ``(H, W[, 3])`` array as PNG, creating folders and writing through a temporary file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp_{os.path.basename(path)}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 class NetworkOverlays:

@@ -81,6 +81,22 @@ def histogram_svg(scores: np.ndarray, labels: np.ndarray, threshold: float, bins
     return f'<svg width="{_WIDTH}" height="{_HEIGHT}">{"".join(parts)}</svg>'
 
 
+def _report_page(title: str, metrics: dict, body: str) -> str:
+    """A self-contained HTML page: ``title``, the float metrics of the epoch as a table, then ``body``."""
+    table = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in metrics.items() if isinstance(v, (int, float))
+    )
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} figure{{display:inline-block;margin:6px}}
+td,th{{padding:2px 10px}} figcaption{{font-size:12px}}</style></head><body>
+<h1>{title}</h1>
+<table>{table}</table>
+{body}
+</body></html>
+"""
+
+
 class EvaluationReportWriter:
     """After an evaluation epoch, writes ``report.html`` (with ``report/*.png``): the metrics, the ROC curve
     and the score histograms of normal vs anomalous images (threshold marked), and the ``max_examples``
@@ -119,8 +135,8 @@ class EvaluationReportWriter:
         self._false_positives: list = []
         self._false_negatives: list = []
 
-    def _keep(self, heap: list, badness: float, name: str, overlay: np.ndarray) -> None:
-        item = (badness, len(self.rows), name, overlay)
+    def _keep(self, heap: list, badness: float, name: str, score: float, overlay: np.ndarray) -> None:
+        item = (badness, len(self.rows), name, score, overlay)
         if len(heap) < self.max_examples:
             heapq.heappush(heap, item)
         elif badness > heap[0][0]:
@@ -136,15 +152,14 @@ class EvaluationReportWriter:
         for index, (name, score, label) in enumerate(zip(names, scores, labels)):
             heap, badness = (self._false_negatives, -score) if label else (self._false_positives, score)
             if len(heap) < self.max_examples or badness > heap[0][0]:
-                self._keep(heap, badness, name, self.overlays(output["image"][index], output[MAP_KEY][index]))
+                self._keep(heap, badness, name, score, self.overlays(output["image"][index], output[MAP_KEY][index]))
             self.rows.append((str(name), float(score), int(label)))
 
     def _gallery(self, heap: list, kind: str, folder: str) -> str:
         cells = []
-        for rank, (_, _, name, overlay) in enumerate(sorted(heap, reverse=True)):
+        for rank, (_, _, name, score, overlay) in enumerate(sorted(heap, key=lambda item: item[:2], reverse=True)):
             file_name = f"{kind}_{rank:02d}.png"
             save_png(os.path.join(folder, file_name), overlay)
-            score = [r[1] for r in self.rows if r[0] == name][0]
             cells.append(
                 f'<figure><img src="report/{file_name}" width="384"><figcaption>{html.escape(name)} '
                 f"(score {score:.4g})</figcaption></figure>"
@@ -159,23 +174,14 @@ class EvaluationReportWriter:
         labels = np.asarray([r[2] for r in rows])
         threshold = float(self.network.threshold)
         folder = os.path.join(self.output_dir, "report")
-        metrics = {k: v for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
-        table = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in metrics.items())
         flagged = int((scores >= threshold).sum()) if math.isfinite(threshold) else 0
-        page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Multi-AD evaluation</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} figure{{display:inline-block;margin:6px}}
-td{{padding:2px 10px}} figcaption{{font-size:12px}}</style></head><body>
-<h1>Multi-AD evaluation</h1>
-<p>{len(rows)} images ({int(labels.sum())} anomalous); threshold {threshold:.4g} (saved with the model);
+        body = f"""<p>{len(rows)} images ({int(labels.sum())} anomalous); threshold {threshold:.4g} (saved with the model);
 {flagged} images at or above it.</p>
-<table>{table}</table>
 <h2>ROC curve (image scores)</h2>{roc_svg(scores, labels)}
 <h2>Score histograms</h2><p>blue: normal, red: anomalous, dashed: threshold</p>{histogram_svg(scores, labels, threshold)}
 <h2>Worst false positives (normal images, highest scores)</h2>{self._gallery(self._false_positives, "false_positive", folder)}
-<h2>Worst false negatives (anomalous images, lowest scores)</h2>{self._gallery(self._false_negatives, "false_negative", folder)}
-</body></html>
-"""
+<h2>Worst false negatives (anomalous images, lowest scores)</h2>{self._gallery(self._false_negatives, "false_negative", folder)}"""
+        page = _report_page("Multi-AD evaluation", engine.state.metrics, body)
         atomic_write_text(os.path.join(self.output_dir, "report.html"), page)
 
 
@@ -256,6 +262,7 @@ class VolumeEvaluationReportWriter:
         self.slices: list[tuple[float, int]] = []
 
     def _collect(self, engine: Engine) -> None:
+        from multiad_monai.data.cases import volume_stem
         from multiad_monai.metrics.volume import slice_labels, volume_case_summary
 
         output = engine.state.output
@@ -263,7 +270,7 @@ class VolumeEvaluationReportWriter:
         label, foreground = output.get("label"), output.get("foreground")
         summary = volume_case_summary(output[MAP_KEY], label, foreground, threshold)
         score = float(output[SCORE_KEY].reshape(-1)[0])
-        self.volumes.append({"name": str(output["name"]), "score": score, "threshold": threshold, **summary})
+        self.volumes.append({"name": volume_stem(str(output["name"])), "score": score, "threshold": threshold, **summary})
         if label is not None:
             lesion = np.asarray(label).reshape(np.asarray(label).shape[-3:]) > 0
             inside = None if foreground is None else np.asarray(foreground).reshape(lesion.shape) > 0
@@ -275,8 +282,6 @@ class VolumeEvaluationReportWriter:
         volumes, slices = gather_rows(self.volumes), gather_rows(self.slices)
         if idist.get_rank() > 0 or not volumes:
             return
-        metrics = {k: v for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
-        table = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in metrics.items())
         header = ("volume", "score", "flagged", "foreground voxels", "lesion voxels", "predicted voxels", "Dice", "map")
         rows = []
         for v in volumes:
@@ -293,12 +298,7 @@ class VolumeEvaluationReportWriter:
                 f"<h2>Slice score histograms</h2><p>blue: normal, red: with lesion, dashed: threshold</p>"
                 f"{histogram_svg(scores, labels, threshold)}"
             )
-        page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Multi-AD volume evaluation</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} td,th{{padding:2px 10px}}</style></head><body>
-<h1>Multi-AD volume evaluation</h1>
-<table>{table}</table>{plots}
-<h2>Volumes</h2><table><tr>{"".join(f"<th>{h}</th>" for h in header)}</tr>{"".join(rows)}</table>
-</body></html>
-"""
+        body = f"""{plots}
+<h2>Volumes</h2><table><tr>{"".join(f"<th>{h}</th>" for h in header)}</tr>{"".join(rows)}</table>"""
+        page = _report_page("Multi-AD volume evaluation", engine.state.metrics, body)
         atomic_write_text(os.path.join(self.output_dir, "report.html"), page)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 from typing import Any
 
 import ignite.distributed as idist
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from multiad_monai.atomic import atomic_path
 from multiad_monai.data.errors import CheckpointError
 
 __all__ = ["ResumeHandler", "RandomStates"]
@@ -96,17 +96,8 @@ class ResumeHandler:
         state = self._state(engine, completed)  # every rank builds it: some state_dicts may synchronise
         if idist.get_rank() > 0:
             return
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
-        os.close(fd)
-        try:
+        with atomic_path(self.path, suffix=".pt") as tmp:
             torch.save(state, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     def _read(self) -> dict[str, Any]:
         try:

@@ -11,6 +11,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from multiad_monai.data.cases import volume_stem
 from multiad_monai.handlers.writers import VOLUME_OUTPUTS_README, atomic_write_text, gather_rows, normalized_score
 from multiad_monai.inferers.volume import write_volume_outputs
 from multiad_monai.metrics.volume import volume_case_summary
@@ -65,9 +66,7 @@ class VolumeOutputWriter:
 
     def _write_volume(self, engine: Engine) -> None:
         output = engine.state.output
-        name = os.path.basename(str(output["name"]))
-        for ending in (".nii.gz", ".nii", ".mha", ".nrrd"):
-            name = name[: -len(ending)] if name.lower().endswith(ending) else name
+        name = volume_stem(str(output["name"]))
         threshold = float(output["threshold"])
         score = float(output["score"].reshape(-1)[0])
         scale = float(getattr(self.network, "score_scale", float("nan")))

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,6 +15,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from multiad_monai.atomic import atomic_path
 from multiad_monai.engines.evaluator import MAP_KEY, NAME_KEY, SCORE_KEY
 from multiad_monai.metrics import normalize_scores
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
@@ -34,17 +34,8 @@ __all__ = [
 
 def atomic_write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, suffix=os.path.basename(path)) as tmp, open(tmp, "w", newline="") as f:
+        f.write(text)
 
 
 IMAGE_OUTPUTS_README = """# Multi-AD outputs

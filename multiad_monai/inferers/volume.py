@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 
 import nibabel as nib
@@ -17,6 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import Resize
 from monai.utils import convert_to_tensor
 
+from multiad_monai.atomic import atomic_path
 from multiad_monai.data.errors import DatasetError
 from multiad_monai.inferers.anomaly_map import image_score
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
@@ -24,7 +24,6 @@ from multiad_monai.transforms.channels import source_name
 from multiad_monai.transforms.slices import foreground_box
 
 __all__ = ["VolumeAnomalyInferer", "write_volume_outputs"]
-
 
 
 class VolumeAnomalyInferer:
@@ -173,21 +172,12 @@ class VolumeAnomalyInferer:
 
 
 def _atomic_save_nifti(path: str, array: np.ndarray, affine: np.ndarray) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
     # The temporary name keeps the .nii.gz ending so that nibabel compresses it.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        image = nib.Nifti1Image(array, affine)
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -174,6 +174,20 @@ def sorted_scores_from_samples(
             num_regions += sample_regions
         pos_offset += num_pos
 
+    return sort_scores(negatives, positives, inverse_region_sizes, num_regions)
+
+
+def sort_scores(
+    negatives: np.ndarray,
+    positives: np.ndarray,
+    inverse_region_sizes: np.ndarray | None = None,
+    num_regions: int = 0,
+) -> SortedScores:
+    """:class:`SortedScores` of normal and anomalous scores (1-D arrays, sorted here in place).
+
+    ``inverse_region_sizes[i]``, when given, is 1 / size of the region holding ``positives[i]`` (before
+    sorting) among ``num_regions`` regions; it becomes the PRO weight of that pixel.
+    """
     negatives.sort()
     _check_no_nan(negatives)
     region_weights = None

@@ -199,22 +199,18 @@ class VolumeAnomalyMetrics(Metric):
         self._try(results, ["slice_ap"], lambda: F.image_average_precision(slice_scores, slice_truth))
 
         num_regions = int(idist.all_reduce(self._num_regions)) if idist.get_world_size() > 1 else self._num_regions
-        lesion_voxels = self._gathered(self._lesion_voxels, np.float32)
-        order = np.argsort(lesion_voxels, kind="stable")
-        inverse_sizes = self._gathered(self._lesion_inverse_sizes, np.float64)[order]
-        sorted_scores = F.SortedScores(
-            negatives=np.sort(self._gathered(self._normal_voxels, np.float32)),
-            positives=lesion_voxels[order],
-            region_weights=inverse_sizes / max(num_regions, 1),
-            num_regions=num_regions,
+        sorted_scores = F.sort_scores(
+            self._gathered(self._normal_voxels, np.float32),
+            self._gathered(self._lesion_voxels, np.float32),
+            self._gathered(self._lesion_inverse_sizes, np.float64),
+            num_regions,
         )
         self._try(results, ["voxel_auroc"], lambda: F.auroc_from_sorted(sorted_scores))
         self._try(results, ["voxel_ap"], lambda: F.average_precision_from_sorted(sorted_scores))
         self._try(results, ["aupro"], lambda: F.aupro_from_sorted(sorted_scores, fpr_limit=self.fpr_limit))
         self._try(results, ["voxel_f1_max", "voxel_f1_threshold"], lambda: F.f1_max_from_sorted(sorted_scores))
-        plane_scores = F.SortedScores(
-            negatives=np.sort(self._gathered(self._normal_pixels, np.float32)),
-            positives=np.sort(self._gathered(self._lesion_pixels, np.float32)),
+        plane_scores = F.sort_scores(
+            self._gathered(self._normal_pixels, np.float32), self._gathered(self._lesion_pixels, np.float32)
         )
         self._try(results, ["slice_pixel_auroc"], lambda: F.auroc_from_sorted(plane_scores))
         dice = self._gathered([np.asarray(self._dice, np.float64)], np.float64)

@@ -12,7 +12,6 @@ inference, so the network sees training and test slices alike.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -38,14 +37,6 @@ from multiad_monai.transforms.teacher_features import TeacherFeaturesd
 __all__ = ["LoadVolumed", "volume_transforms", "slice_transforms_2d", "INTENSITY_PRESETS"]
 
 INTENSITY_PRESETS = ("mri", "ct", "none")
-
-
-def _modality_name(path: str) -> str:
-    name = os.path.basename(os.path.normpath(path))
-    for ending in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".dcm"):
-        if name.lower().endswith(ending):
-            return name[: -len(ending)]
-    return name
 
 
 class LoadVolumed(MapTransform):
@@ -82,12 +73,13 @@ class LoadVolumed(MapTransform):
 
     def _load(self, key: Hashable, value) -> torch.Tensor:
         # multiad_monai.data imports this package (for source_name): import late.
+        from multiad_monai.data.cases import volume_stem
         from multiad_monai.data.volumes import load_volume, multimodal_volume
 
         if isinstance(value, (list, tuple)):
             if not value:
                 raise DatasetError(f"{key!r} lists no files.")
-            paths = {_modality_name(p): p for p in value}
+            paths = {volume_stem(p): p for p in value}
             if len(paths) != len(value):
                 raise DatasetError(f"{key!r} lists modality files with the same name: {list(value)}.")
             return multimodal_volume(paths, list(paths), reader=self.reader, canonical_axcodes=self.canonical_axcodes)
