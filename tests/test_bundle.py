@@ -98,3 +98,18 @@ def test_cli_passes_null_overrides_as_none(monkeypatch):
     assert seen["student_se_ratio"] == "$None"
     parser = ConfigParser({"student_se_ratio": seen["student_se_ratio"]})
     assert parser.get_parsed_content("student_se_ratio") is None
+
+
+@pytest.mark.slow
+def test_retina_oct_override_trains_with_pixel_normalization(tiny_demo_dataset, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--output_dir", out, "--dataset_dir", tiny_demo_dataset, "--set", "image_size=64", "--override", "retina_oct.json"]
+    training = ["--set", "num_epochs=2", "--set", "val_interval=1", "--set", "batch_size=4", "--set", "min_epoch_length=2"]
+    assert main(["demo", *common, *training]) == 0
+    checkpoint = torch.load(os.path.join(out, "model.pt"), map_location="cpu", weights_only=True)
+    mean, std = checkpoint["map_generator.normal_mean"], checkpoint["map_generator.normal_std"]
+    assert mean.shape == std.shape == (4, 64, 64)
+    assert float(mean.min()) > 0 and float(std.max()) > 0  # fitted on training images, not the unfitted 0 / 1
+    metrics = json.load(open(os.path.join(out, "eval", "metrics.json")))["metrics"]
+    assert 0.0 <= metrics["image_auroc"] <= 1.0
+    assert main(["infer", *common, "--set", f"input_dir={os.path.join(tiny_demo_dataset, 'test')}"]) == 0

@@ -1,12 +1,14 @@
 import numpy as np
+import pytest
 import torch
 from monai.data import DataLoader, Dataset
 
 from multiad_monai.data import mvtec_datalist
-from multiad_monai.handlers import fit_learned_fusion, normalized_score, render_overlay
+from multiad_monai.handlers import fit_learned_fusion, fit_normal_statistics, normalized_score, render_overlay
 from multiad_monai.inferers import AnomalyMapGenerator
 from multiad_monai.networks import EfficientNetLiteEncoder, MultiAD, input_mean, input_std
-from multiad_monai.transforms import validation_transforms_2d
+from multiad_monai.metrics import NormalFitScore
+from multiad_monai.transforms import image_transforms_2d, validation_transforms_2d
 
 
 def test_fit_learned_fusion_changes_the_head_and_lowers_its_loss(tiny_demo_dataset):
@@ -74,3 +76,47 @@ def test_report_plots_and_mistake_ranking(tmp_path):
     # the worst false positive is the normal image scored 0.9, the worst false negative the anomaly scored 0.2
     assert "good_b" in page and "good_a" not in page and "bad_a" in page and "bad_b" not in page
     assert (tmp_path / "report" / "false_positive_00.png").is_file()
+
+
+def test_fit_normal_statistics_matches_the_maps_of_the_loader(tiny_demo_dataset):
+    torch.manual_seed(0)
+    network = MultiAD(
+        EfficientNetLiteEncoder(image_size=64),
+        EfficientNetLiteEncoder(pretrained=False, image_size=64),
+        map_generator=AnomalyMapGenerator(num_levels=4, sigma=0, level_normalization="pixel"),
+    ).eval()
+    items = mvtec_datalist(tiny_demo_dataset, "train")[:6]
+    transform = image_transforms_2d(64, input_mean("efficientnet-lite0"), input_std("efficientnet-lite0"), with_mask=False)
+    loader = DataLoader(Dataset(items, transform), batch_size=4)
+    assert fit_normal_statistics(network, loader, max_images=5) == 5
+    images = torch.stack([transform(item)["image"] for item in items[:5]])
+    with torch.no_grad():
+        raw = network.map_generator.raw_level_maps(*network.features(images), (64, 64))
+        assert torch.allclose(network.map_generator.normal_mean, raw.mean(0), atol=1e-5)
+        assert torch.allclose(network.map_generator.normal_std, raw.std(0), atol=1e-4)
+        # the fitting images, normalised, average to zero at every pixel
+        assert torch.allclose(network.map_generator.level_maps(*network.features(images), (64, 64)).mean(0), torch.zeros(4, 64, 64), atol=1e-3)
+
+
+def test_normal_fit_score_uses_raw_maps_under_pixel_normalization():
+    class Network(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+            self.map_generator = AnomalyMapGenerator(num_levels=1, sigma=0, level_normalization="pixel")
+
+        def features(self, images):
+            return [images], [images * self.scale + torch.flip(images, dims=[-1])]
+
+    network = Network()
+    network.map_generator.set_normal_statistics(torch.full((1, 4, 4), 5.0), torch.ones(1, 4, 4))
+    images = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        raw = network.map_generator.raw_level_maps(*network.features(images), (4, 4))
+    output = {"image": images, "anomaly_map": torch.full((2, 1, 4, 4), -5.0), "label": torch.tensor([0, 0])}
+    metric = NormalFitScore(network=network)
+    metric.update(output)
+    assert metric.compute() == pytest.approx(-float(raw.mean()), rel=1e-5)
+    plain = NormalFitScore()
+    plain.update(output)
+    assert plain.compute() == pytest.approx(5.0)

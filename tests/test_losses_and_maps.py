@@ -77,3 +77,36 @@ def test_image_score():
     assert image_score(amap, "topk", topk_ratio=0.03).tolist() == pytest.approx([4.0, 0.0])
     with pytest.raises(ValueError):
         image_score(amap, "median")
+
+
+def test_pixel_level_normalization_is_a_z_score_against_normal_statistics():
+    generator = AnomalyMapGenerator(num_levels=2, fusion="mean", sigma=0, level_normalization="pixel")
+    t = [torch.randn(1, 3, 4, 4), torch.randn(1, 3, 2, 2)]
+    s = [torch.randn(1, 3, 4, 4), torch.randn(1, 3, 2, 2)]
+    raw = generator.raw_level_maps(t, s, (8, 8))
+    # unfitted statistics (mean 0, std 1) leave the maps as they are
+    assert torch.allclose(generator.level_maps(t, s, (8, 8)), raw)
+    mean, std = torch.rand(2, 8, 8), torch.rand(2, 8, 8) + 0.5
+    generator.set_normal_statistics(mean, std)
+    assert torch.allclose(generator(t, s, (8, 8)), ((raw - mean) / std).mean(1, keepdim=True))
+    # a map of another size gets the statistics resized to it
+    assert generator.level_maps(t, s, (16, 16)).shape == (1, 2, 16, 16)
+    # a pixel that never varied on normal images is bounded by min_std, not divided by zero
+    generator.set_normal_statistics(mean, torch.zeros(2, 8, 8))
+    assert bool(torch.isfinite(generator(t, s, (8, 8))).all())
+    with pytest.raises(ValueError, match="len\\(levels\\)"):
+        generator.set_normal_statistics(torch.zeros(3, 8, 8), torch.ones(3, 8, 8))
+    with pytest.raises(ValueError, match="product"):
+        AnomalyMapGenerator(num_levels=2, fusion="product", level_normalization="pixel")
+    with pytest.raises(ValueError, match="level_normalization"):
+        AnomalyMapGenerator(num_levels=2, level_normalization="image")
+
+
+def test_fitted_normal_statistics_load_into_an_unfitted_generator():
+    fitted = AnomalyMapGenerator(num_levels=2, level_normalization="pixel")
+    fitted.set_normal_statistics(torch.rand(2, 8, 8), torch.rand(2, 8, 8) + 0.1)
+    fresh = AnomalyMapGenerator(num_levels=2, level_normalization="pixel")
+    fresh.load_state_dict(fitted.state_dict())
+    assert torch.equal(fresh.normal_mean, fitted.normal_mean) and torch.equal(fresh.normal_std, fitted.normal_std)
+    # raw-map generators have no such buffers, so their older checkpoints load strictly
+    assert "normal_mean" not in AnomalyMapGenerator(num_levels=2).state_dict()

@@ -361,14 +361,17 @@ def test_written_outputs_reload_with_the_affine(loaded, tmp_path):
     assert sorted(os.listdir(tmp_path)) == expected_files
 
     saved_map, saved_mask = nib.load(written["map"]), nib.load(written["mask"])
+    # written on the input file's grid (LAS here), though computed on the RAS-oriented volume
     for saved in (saved_map, saved_mask):
         assert saved.shape == SHAPE
-        np.testing.assert_allclose(saved.affine, anomaly_map.affine.numpy(), atol=1e-5)
+        np.testing.assert_allclose(saved.affine, AFFINE, atol=1e-5)
     assert saved_map.get_data_dtype() == np.float32 and saved_mask.get_data_dtype() == np.uint8
-    np.testing.assert_allclose(saved_map.get_fdata(), anomaly_map[0].numpy(), rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(saved_mask.dataobj), (anomaly_map[0].numpy() >= threshold))
+    stored_order = anomaly_map[0].numpy()[::-1]  # RAS -> LAS: the first axis flips back
+    np.testing.assert_allclose(saved_map.get_fdata(), stored_order, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(saved_mask.dataobj), stored_order >= threshold)
     reloaded = load_volume(written["map"])
     assert torch.allclose(reloaded.affine, loaded["image"].affine, atol=1e-5)
+    torch.testing.assert_close(reloaded[0], anomaly_map[0].float())
 
     report = json.loads(open(written["scores"]).read())
     assert report["volume_score"] == pytest.approx(volume_score) and report["threshold"] == pytest.approx(threshold)

@@ -3,8 +3,8 @@
 Needs ``monailabel`` (its own environment, see the app in ``apps/monailabel``). The bundle stays the single
 source of truth: the task reads the bundle's configs as MONAI Label's ``monaibundle`` app does, sets
 ``input_path`` to the requested image and ``inference_dir`` to a temporary folder, and runs the
-``inferring`` workflow. The label returned is the thresholded anomaly mask (NIfTI on the study's grid in
-RAS for volumes, PNG of the image's size for 2D images); the result JSON holds the scores, the threshold,
+``inferring`` workflow. The label returned is the thresholded anomaly mask (NIfTI on the study's own voxel
+grid for volumes, PNG of the image's size for 2D images); the result JSON holds the scores, the threshold,
 the normalised score and the path of the heatmap (the float NIfTI map of a volume, the overlay PNG of an
 image), kept for the reader.
 """
@@ -52,7 +52,7 @@ class MultiADInferTask(InferTask):
     """Anomaly map and mask of one study through a bundle's inference workflow.
 
     A volumetric bundle (its inference config has ``input_path``, e.g. ``multiad_medical``) takes volumes and
-    returns a NIfTI mask on the study's grid (RAS). A 2D bundle (``multiad_2d``) takes a 2D image and returns a
+    returns a NIfTI mask on the study's own voxel grid. A 2D bundle (``multiad_2d``) takes a 2D image and returns a
     PNG mask (0/1) of the image's size; a volume sent to it is refused with HTTP 422 (slicing needs a
     volumetric bundle).
 

@@ -3,7 +3,7 @@ from .errors import CheckpointError, DatasetError
 from .mvtec import check_datalist, mvtec_datalist, readable_datalist, split_train_validation
 from .sources import image_folder_datalist, resolve_dataset_dir, synthetic_validation_datalist
 from .bmad import bmad_datalist
-from .volumes import check_dicom_series, check_image_label_pair, load_volume, multimodal_volume
+from .volumes import check_dicom_series, check_image_label_pair, load_volume, multimodal_volume, restore_stored_orientation
 from .demo_volumes import DEMO_VOLUME_FILES, make_demo_volumes
 from .cases import (
     VOLUME_EXTENSIONS,

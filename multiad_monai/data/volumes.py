@@ -12,6 +12,7 @@ import copy
 import os
 from collections.abc import Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import torch
@@ -21,7 +22,7 @@ from monai.transforms import LoadImage, Orientation
 from multiad_monai.data.errors import DatasetError
 from multiad_monai.transforms.channels import source_name
 
-__all__ = ["load_volume", "check_dicom_series", "check_image_label_pair", "multimodal_volume"]
+__all__ = ["load_volume", "restore_stored_orientation", "check_dicom_series", "check_image_label_pair", "multimodal_volume"]
 
 # Slice spacings may differ by this fraction (scanner rounding) before a slice counts as missing.
 _SPACING_TOLERANCE = 0.1
@@ -162,6 +163,23 @@ def load_volume(
         # labels=None reads the axis letters from the MetaTensor's "space" (RAS for MONAI's readers).
         volume = Orientation(axcodes=canonical_axcodes, labels=None)(volume)
     return volume
+
+
+def restore_stored_orientation(volume: torch.Tensor) -> torch.Tensor:
+    """Undo ``load_volume``'s reorientation: the voxel order and affine of the file the volume came from.
+
+    Maps computed on a canonically oriented volume are written this way, so that their voxel grid is the
+    input's own (``original_affine`` metadata, set by MONAI's readers), not only aligned in world space:
+    tools that compare arrays voxel by voxel, or do not resample on display, then overlay them too.
+    ``(C, X, Y, Z)`` in and out; a plain tensor, or one without ``original_affine``, is returned as it is.
+    """
+    if not isinstance(volume, MetaTensor) or volume.meta.get("original_affine") is None:
+        return volume
+    original = np.asarray(volume.meta["original_affine"], dtype=np.float64)
+    if np.allclose(np.asarray(volume.affine, dtype=np.float64), original, atol=_AFFINE_TOLERANCE):
+        return volume
+    axcodes = "".join(nib.orientations.aff2axcodes(original))
+    return Orientation(axcodes=axcodes, labels=None)(volume)
 
 
 def _check_same_grid(reference: torch.Tensor, other: torch.Tensor, reference_role: str, other_role: str) -> None:

@@ -35,7 +35,9 @@ def load_network_checkpoint(path: str, network: torch.nn.Module, map_location: s
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    reshaped = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    reshaped = sorted(
+        k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape) and not _map_sized(k, expected[k], state[k])
+    )
     if missing or unexpected or reshaped:
         details = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)):
@@ -51,6 +53,11 @@ def load_network_checkpoint(path: str, network: torch.nn.Module, map_location: s
         logging.getLogger(__name__).warning(
             f"checkpoint {path} has no anomaly threshold (training ran no validation): no masks or decisions."
         )
+
+
+def _map_sized(key: str, expected: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Normal statistics take the map's size when fitted; the map generator adopts the saved shape."""
+    return key.rsplit(".", 1)[-1] in ("normal_mean", "normal_std") and expected.dim() == saved.dim() and expected.shape[0] == saved.shape[0]
 
 
 class NetworkCheckpointLoader:

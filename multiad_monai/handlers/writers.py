@@ -55,12 +55,13 @@ IMAGE_OUTPUTS_README = """# Multi-AD outputs
 
 VOLUME_OUTPUTS_README = """# Multi-AD volume outputs
 
-- `<case>_anomaly_map.nii.gz`: float32 anomaly map on the scan's voxel grid (same shape and affine as the
-  scan reoriented to RAS); open it over the scan in 3D Slicer or ITK-SNAP. Larger = more anomalous; 0
+- `<case>_anomaly_map.nii.gz`: float32 anomaly map on the scan's own voxel grid (same shape, voxel order
+  and affine as the scan file); open it over the scan in 3D Slicer or ITK-SNAP. Larger = more anomalous; 0
   outside the brain/organ mask when one was given.
 - `<case>_anomaly_mask.nii.gz`: uint8, 1 where the map is at or above the saved threshold.
 - `<case>_scores.json`: `volume_score` (largest slice score), per-slice scores in slice order along
-  `slice_axis`, `threshold`, `anomalous`, and `normalized_score` = sigmoid((volume_score - threshold) /
+  `slice_axis` of the scan as the network saw it (reoriented to `canonical_axcodes`, RAS by default:
+  axial slices from inferior to superior), `threshold`, `anomalous`, and `normalized_score` = sigmoid((volume_score - threshold) /
   score_scale): 0.5 at the threshold, above 0.5 = flagged; a rescaled score, not a probability.
 - `volumes.csv`: one row per volume with the raw and normalised scores and the decision; with a lesion
   label also lesion and predicted voxels inside the foreground and their Dice.

@@ -14,6 +14,7 @@ from multiad_monai.networks.fusion import LearnedFusion
 __all__ = ["AnomalyMapGenerator", "cosine_distance_maps", "image_score"]
 
 FUSION_MODES = ("mean", "product", "learned")
+LEVEL_NORMALIZATIONS = ("none", "pixel")
 
 
 def cosine_distance_maps(
@@ -49,8 +50,18 @@ class AnomalyMapGenerator(nn.Module):
             ``"learned"`` (the paper's 1x1 conv + BN + ReLU head, :class:`LearnedFusion`).
         sigma: Gaussian smoothing in pixels of the input; 0 disables it.
         levels: indices of the levels used in the map (default all).
+        level_normalization: ``"none"`` fuses the raw ``1 - cos`` maps; ``"pixel"`` first turns each level
+            map into a per-pixel z-score against normal images, ``(map - normal_mean) / normal_std``, with
+            the statistics set by :meth:`set_normal_statistics` (see ``fit_normal_statistics``). It removes
+            errors that every normal image has at the same place, such as the speckle-noise background of
+            retina OCT B-scans; it hurts where the anatomy moves within the frame (brain slices of
+            different levels), so it is a per-modality choice. Not with ``fusion="product"``.
+        min_std: lower bound of ``normal_std``, so that pixels that never vary on normal images (constant
+            background) do not turn tiny differences into huge scores.
 
     ``forward(teacher_features, student_features, size)`` returns ``(B, 1, *size)``.
+    The statistics are buffers ``normal_mean`` and ``normal_std`` of shape ``(len(levels), *map_size)``
+    (``(len(levels), 1, ...)`` until fitted, which leaves maps unchanged), saved with the weights.
     """
 
     def __init__(
@@ -60,24 +71,69 @@ class AnomalyMapGenerator(nn.Module):
         fusion: str = "mean",
         sigma: float = 4.0,
         levels: Sequence[int] | None = None,
+        level_normalization: str = "none",
+        min_std: float = 1e-3,
     ) -> None:
         super().__init__()
         if fusion not in FUSION_MODES:
             raise ValueError(f"unknown fusion {fusion!r}; use one of {FUSION_MODES}.")
+        if level_normalization not in LEVEL_NORMALIZATIONS:
+            raise ValueError(f"unknown level_normalization {level_normalization!r}; use one of {LEVEL_NORMALIZATIONS}.")
+        if level_normalization == "pixel" and fusion == "product":
+            raise ValueError("level_normalization='pixel' gives signed z-scores, which a product cannot fuse; use 'mean' or 'learned'.")
         self.levels = list(range(num_levels)) if levels is None else list(levels)
         if not self.levels or any(not 0 <= i < num_levels for i in self.levels):
             raise ValueError(f"levels must be indices below num_levels={num_levels}, got {levels}.")
         self.fusion = fusion
         self.fusion_head = LearnedFusion(spatial_dims, len(self.levels)) if fusion == "learned" else None
         self.smooth = GaussianFilter(spatial_dims, sigma) if sigma > 0 else nn.Identity()
+        self.level_normalization = level_normalization
+        self.min_std = min_std
+        if level_normalization == "pixel":
+            # registered only when used, so checkpoints of raw-map models keep loading strictly
+            unfitted = (len(self.levels),) + (1,) * spatial_dims
+            self.register_buffer("normal_mean", torch.zeros(unfitted))
+            self.register_buffer("normal_std", torch.ones(unfitted))
+
+    def raw_level_maps(
+        self, teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor], size: Sequence[int]
+    ) -> torch.Tensor:
+        """Per-level ``1 - cos`` maps of the used levels before any normalisation: ``(B, len(levels), *size)``."""
+        return cosine_distance_maps(
+            [teacher_features[i] for i in self.levels], [student_features[i] for i in self.levels], size
+        )
 
     def level_maps(
         self, teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor], size: Sequence[int]
     ) -> torch.Tensor:
-        """The per-level maps that are fused: ``(B, len(levels), *size)``."""
-        return cosine_distance_maps(
-            [teacher_features[i] for i in self.levels], [student_features[i] for i in self.levels], size
-        )
+        """The per-level maps that are fused (normalised when ``level_normalization="pixel"``): ``(B, len(levels), *size)``."""
+        maps = self.raw_level_maps(teacher_features, student_features, size)
+        if self.level_normalization == "none":
+            return maps
+        mean, std = self.normal_mean, self.normal_std
+        if mean.shape[1:] != maps.shape[2:] and mean[0].numel() > 1:
+            mode = "bilinear" if maps.dim() == 4 else "trilinear"
+            mean = F.interpolate(mean[None], size=maps.shape[2:], mode=mode, align_corners=False)[0]
+            std = F.interpolate(std[None], size=maps.shape[2:], mode=mode, align_corners=False)[0]
+        return (maps - mean) / std.clamp_min(self.min_std)
+
+    def set_normal_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Sets the per-pixel statistics of the raw level maps on normal images, each ``(len(levels), *map_size)``."""
+        if self.level_normalization != "pixel":
+            raise ValueError("normal statistics are used only with level_normalization='pixel'.")
+        if mean.shape != std.shape or mean.shape[0] != len(self.levels):
+            raise ValueError(f"mean and std must both be (len(levels)={len(self.levels)}, *map_size); got {tuple(mean.shape)} and {tuple(std.shape)}.")
+        device = self.normal_mean.device
+        self.normal_mean = mean.detach().to(device=device, dtype=torch.float32).clone()
+        self.normal_std = std.detach().to(device=device, dtype=torch.float32).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # fitted statistics have the map's size, unknown at construction: take the saved shape
+        for name in ("normal_mean", "normal_std"):
+            saved = state_dict.get(prefix + name)
+            if name in self._buffers and saved is not None and saved.shape != self._buffers[name].shape:
+                self._buffers[name] = torch.empty_like(self._buffers[name]).resize_(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fuse(self, level_maps: torch.Tensor) -> torch.Tensor:
         if self.fusion == "mean":

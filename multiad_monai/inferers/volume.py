@@ -198,12 +198,14 @@ def write_volume_outputs(
     Files: ``<name>_anomaly_map.nii.gz`` (float32), ``<name>_anomaly_mask.nii.gz`` (uint8, 1 where the map
     is at or above ``threshold``; not written when ``threshold`` is NaN, and a stale one from an earlier run
     is removed) and ``<name>_scores.json`` (volume score, per-slice scores, threshold, files). Both NIfTI
-    files carry the map's affine; the JSON is written last, so its presence means the set is complete.
+    files carry the input file's affine; the JSON is written last, so its presence means the set is complete.
 
     Args:
         output_dir: folder for the files (created if needed).
         name: case name, the file prefix.
-        anomaly_map: ``(1, X, Y, Z)`` or ``(X, Y, Z)`` map; a MetaTensor's affine is written, identity otherwise.
+        anomaly_map: ``(1, X, Y, Z)`` or ``(X, Y, Z)`` map; a MetaTensor is written in the voxel order and
+            with the affine of the file it was computed from (:func:`restore_stored_orientation`), a plain
+            array with the identity affine.
         threshold: pixel threshold of the network; NaN when not estimated.
         slice_scores: per-slice scores ``(N,)``.
         volume_score: the volume score.
@@ -213,10 +215,13 @@ def write_volume_outputs(
         kind (``"map"``, ``"mask"``, ``"scores"``) -> path of each file written.
     """
     # handlers import the engines, which import the networks, which import this package: import late.
+    from multiad_monai.data.volumes import restore_stored_orientation
     from multiad_monai.handlers.writers import atomic_write_text
 
     if not name or name != os.path.basename(name):
         raise ValueError(f"name must be a plain file name prefix, got {name!r}.")
+    if isinstance(anomaly_map, MetaTensor) and anomaly_map.ndim == 4:
+        anomaly_map = restore_stored_orientation(anomaly_map)
     array = np.asarray(anomaly_map.detach().cpu() if isinstance(anomaly_map, torch.Tensor) else anomaly_map)
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from ignite.metrics import Metric
+from monai.networks.utils import eval_mode
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from multiad_monai.metrics.cumulative import AnomalyDetectionMetrics, default_output_transform
@@ -49,10 +50,25 @@ class NormalFitScore(Metric):
     Unlike :class:`ValidationScore` it needs no synthetic defects, and it keeps improving while the
     student generalises to unseen normal images, so it is the default key metric for checkpoints and
     early stopping (synthetic-defect scores saturate early and stopped training too soon on MVTec bottle).
+
+    Args:
+        network: the :class:`MultiAD` being validated. Needed only when its map generator has
+            ``level_normalization="pixel"``: its maps are then z-scores against the training images, which
+            grow as the student fits the training set better than unseen images, so the score is taken on
+            the raw ``1 - cos`` level maps instead (one extra forward pass over the normal images).
     """
 
-    def __init__(self, output_transform: Callable = lambda output: output) -> None:
+    def __init__(self, output_transform: Callable = lambda output: output, network: torch.nn.Module | None = None) -> None:
         super().__init__(output_transform=output_transform)
+        self.network = network
+
+    def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
+        generator = self.network.map_generator
+        device = next(self.network.parameters()).device
+        # the metric runs after the evaluator's iteration, when the network may be back in training mode
+        with eval_mode(self.network), torch.inference_mode():
+            teacher, student = self.network.features(images.to(device))
+            return generator.raw_level_maps(teacher, student, images.shape[2:]).float().cpu()
 
     @reinit__is_reduced
     def reset(self) -> None:
@@ -65,6 +81,9 @@ class NormalFitScore(Metric):
         labels = output.get("label")
         normal = torch.ones(maps.shape[0], dtype=torch.bool) if labels is None else torch.as_tensor(labels).reshape(-1).cpu() == 0
         if bool(normal.any()):
+            if self.network is not None and getattr(self.network.map_generator, "level_normalization", "none") == "pixel":
+                maps = self._raw_maps(torch.as_tensor(output["image"])[normal])
+                normal = torch.ones(maps.shape[0], dtype=torch.bool)
             self._sum += maps[normal].mean(dim=tuple(range(1, maps.ndim))).double().sum()
             self._count += float(normal.sum())
 

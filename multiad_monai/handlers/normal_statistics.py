@@ -1,0 +1,80 @@
+"""Per-pixel statistics of the per-level maps on normal training images, for ``level_normalization="pixel"``."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+
+from multiad_monai.engines.utils import to_device
+
+__all__ = ["NormalStatisticsHandler", "fit_normal_statistics"]
+
+
+def fit_normal_statistics(
+    network: torch.nn.Module, data_loader, device: str | torch.device = "cpu", max_images: int = 200
+) -> int:
+    """Sets ``network.map_generator``'s ``normal_mean`` / ``normal_std``: the per-pixel mean and standard
+    deviation of the raw level maps over the first ``max_images`` images of ``data_loader`` (per rank;
+    summed over ranks when ``torch.distributed`` is initialised).
+
+    The loader gives normal images without augmentation or synthetic defects, from the training split:
+    the held-out validation images stay unseen, so the threshold estimated on them is not biased low.
+    Returns the number of images used.
+    """
+    generator = network.map_generator
+    total, total_sq, count = None, None, 0
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        for batch in data_loader:
+            images = to_device(batch["image"], torch.device(device), False, True)[: max_images - count]
+            teacher, student = network.features(images)
+            maps = generator.raw_level_maps(teacher, student, images.shape[2:]).to("cpu", torch.float64)
+            total = maps.sum(0) if total is None else total + maps.sum(0)
+            total_sq = maps.square().sum(0) if total_sq is None else total_sq + maps.square().sum(0)
+            count += maps.shape[0]
+            if count >= max_images:
+                break
+    network.train(was_training)
+    if count == 0:
+        raise ValueError("the normal-statistics loader gave no images.")
+    stacked = torch.stack([total, total_sq, torch.full_like(total, count)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stacked)
+    total, total_sq, n = stacked
+    mean = total / n
+    # unbiased variance; float64 sums keep the difference of squares exact enough
+    variance = (total_sq - n * mean.square()).clamp_min(0) / (n - 1).clamp_min(1)
+    generator.set_normal_statistics(mean.float(), variance.sqrt().float())
+    return int(n.flatten()[0])
+
+
+class NormalStatisticsHandler:
+    """Refits the per-pixel normal statistics every ``interval`` training epochs. Attach it before the
+    ``FusionFitHandler`` and the ``ValidationHandler``, which then see normalised maps.
+
+    Args:
+        network: a :class:`MultiAD`; unless its map generator has ``level_normalization="pixel"`` the
+            handler does nothing.
+        data_loader: normal training images, no augmentation.
+        interval: epochs between fits.
+        max_images: images used per fit (per rank).
+    """
+
+    def __init__(self, network, data_loader, interval: int = 1, max_images: int = 200) -> None:
+        self.network = network
+        self.data_loader = data_loader
+        self.interval = interval
+        self.max_images = max_images
+
+    def attach(self, engine: Engine) -> None:
+        if getattr(self.network.map_generator, "level_normalization", "none") == "pixel":
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        count = fit_normal_statistics(self.network, self.data_loader, engine.state.device, self.max_images)
+        std = self.network.map_generator.normal_std.flatten(1).median(dim=1).values
+        logging.getLogger(__name__).info(f"normal statistics refitted on {count} images; median std per level {[round(s, 4) for s in std.tolist()]}")
