@@ -199,6 +199,23 @@ def test_synthetic_validation_slices_are_fixed_per_name():
     assert normal["label"] == 0 and normal["mask"].sum() == 0
 
 
+def test_augmented_training_slices_vary_and_keep_the_chain_otherwise():
+    torch.manual_seed(0)
+    image = torch.zeros(1, 40, 40)
+    image[:, 10:30, 4:12] = 1.0  # a bar on the left: a left-right flip moves it to the right
+    plain = slice_transforms_2d(image_size=32)({"image": image})["image"]
+    chain = slice_transforms_2d(image_size=32, augment=True)
+    chain.set_random_state(seed=3)
+    outputs = [chain({"image": image})["image"] for _ in range(12)]
+    assert all(o.shape == plain.shape == (3, 32, 32) and o.dtype == torch.float32 for o in outputs)
+    assert any(torch.allclose(o, plain, atol=1e-5) for o in outputs)  # each change has probability 0.5
+    assert any(torch.allclose(o, torch.flip(plain, dims=[2]), atol=1e-5) for o in outputs)
+    assert sum(not torch.allclose(o, plain, atol=1e-5) and not torch.allclose(o, torch.flip(plain, dims=[2]), atol=1e-5) for o in outputs) > 0
+    torch.testing.assert_close(image.sum(), torch.tensor(160.0))  # the input is not modified
+    with pytest.raises(ValueError, match="teacher"):
+        slice_transforms_2d(image_size=32, augment=True, teacher=nn.Identity())
+
+
 # ----------------------------------------------------------------------------- metrics
 
 

@@ -23,6 +23,8 @@ from monai.transforms import (
     EnsureTyped,
     MapTransform,
     NormalizeIntensityd,
+    RandAffined,
+    RandFlipd,
     Resized,
 )
 
@@ -162,6 +164,7 @@ def slice_transforms_2d(
     seed: int = 0,
     teacher: torch.nn.Module | None = None,
     device: str | torch.device = "cpu",
+    augment: bool = False,
     image_key: str = "image",
     mask_key: str = "mask",
     label_key: str = "label",
@@ -174,13 +177,27 @@ def slice_transforms_2d(
     NormalizeIntensityd -> EnsureTyped (plain tensors) -> [``teacher``: :class:`TeacherFeaturesd`]. The chain
     is flat and, without synthetic defects, deterministic, so a ``CacheDataset`` caches the teacher features.
 
+    ``augment`` (training only) adds, after EnsureRGBd, a left-right flip (p 0.5; the second in-plane axis,
+    left-right for axial slices turned anterior-up) and a small rotation/scaling (p 0.5, up to 10 degrees and
+    10%, zero padding): more variety of normal anatomy when few training patients are available. The
+    teacher then runs in the training step, so it cannot be given here.
+
     Returns ``image`` ``(3, image_size, image_size)`` float32; with ``synthetic_defects`` also ``mask``
     ``(1, image_size, image_size)`` and ``label``.
     """
+    if augment and (teacher is not None or synthetic_defects):
+        raise ValueError("augment=True is for training slices: give no teacher (its features cannot be cached) and no synthetic defects.")
     transforms = [
         Resized(keys=image_key, spatial_size=(image_size, image_size), mode="bilinear", anti_aliasing=True),
         EnsureRGBd(keys=image_key),
     ]
+    if augment:
+        transforms += [
+            RandFlipd(keys=image_key, prob=0.5, spatial_axis=1),
+            RandAffined(
+                keys=image_key, prob=0.5, rotate_range=np.pi / 18, scale_range=0.1, padding_mode="zeros", mode="bilinear"
+            ),
+        ]
     keys = [image_key]
     if synthetic_defects:
         keys.append(mask_key)
