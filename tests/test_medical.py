@@ -382,6 +382,23 @@ def test_bundles_layout_and_overrides():
                 assert referenced or any(_defines(parser, target) for parser in parsers), (override, key)
 
 
+def test_augmented_bundle_training_set_leaves_its_cache_alone(phantoms, tmp_path):
+    """With ``augment``, random transforms follow the cached part of the chain: the cache must be copied
+    on every read, or in-place steps after them (intensity normalisation) would change it epoch by epoch."""
+    from monai.bundle import ConfigParser
+
+    from multiad_monai.apps.cli import bundle_configs
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(MEDICAL_BUNDLE, "training"))
+    parser.update({"bundle_root": MEDICAL_BUNDLE, "dataset_dir": phantoms, "output_dir": str(tmp_path), "image_size": 32, "augment": True})
+    dataset = parser.get_parsed_content("train#dataset")
+    cached = dataset._cache[0]["image"].clone()
+    images = [dataset[0]["image"] for _ in range(6)]
+    torch.testing.assert_close(dataset._cache[0]["image"], cached)
+    assert all(image.shape == (3, 32, 32) for image in images) and "teacher_features" not in dataset[0]
+
+
 def test_medical_bundle_end_to_end(phantoms, tmp_path):
     output = tmp_path / "run"
     common = ["--bundle_root", "multiad_medical", "--dataset_dir", phantoms, "--output_dir", str(output)]

@@ -61,8 +61,9 @@ VOLUME_OUTPUTS_README = """# Multi-AD volume outputs
 - `<case>_anomaly_mask.nii.gz`: uint8, 1 where the map is at or above the saved threshold.
 - `<case>_scores.json`: `volume_score` (largest slice score), per-slice scores in slice order along
   `slice_axis` of the scan as the network saw it (reoriented to `canonical_axcodes`, RAS by default:
-  axial slices from inferior to superior), `threshold`, `anomalous`, and `normalized_score` = sigmoid((volume_score - threshold) /
-  score_scale): 0.5 at the threshold, above 0.5 = flagged; a rescaled score, not a probability.
+  axial slices from inferior to superior), `threshold`, `anomalous`, and `normalized_score` =
+  sigmoid((volume_score - threshold) / score_scale): 0.5 at the threshold, above 0.5 = flagged; a
+  rescaled score, not a probability.
 - `volumes.csv`: one row per volume with the raw and normalised scores and the decision; with a lesion
   label also lesion and predicted voxels inside the foreground and their Dice.
 - `threshold`: the 0.99 quantile of the slice scores of held-out normal training slices, saved in the model.
