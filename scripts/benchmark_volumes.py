@@ -24,13 +24,30 @@ import time
 
 from _measure import run_measured
 
-from multiad_monai.apps.cli import parse_settings, run_bundle
+from monai.bundle import ConfigParser
+
+from multiad_monai.apps.cli import bundle_configs, parse_settings, run_bundle
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "multiad_medical")
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def inference_settings(items: list[str], overrides: list[str]) -> list[str]:
+    """The ``--set`` items the inference workflow defines; training-only keys (e.g. ``augment``) are left out,
+    as ``multiad infer`` refuses keys it does not know."""
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(BUNDLE, "inferring", overrides))
+    kept = []
+    for item in items:
+        try:
+            parser[item.split("=", 1)[0]]
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
+        kept.append(item)
+    return kept
 
 
 def main() -> None:
@@ -69,7 +86,7 @@ def main() -> None:
     command = ["infer", "--bundle_root", BUNDLE, "--output_dir", values["output_dir"]]
     for override in args.override:
         command += ["--override", override]
-    for item in args.set:
+    for item in inference_settings(args.set, args.override):
         command += ["--set", item]
     command += ["--set", f"input_path={single}", "--set", f"inference_dir={os.path.join(values['output_dir'], 'timing')}"]
     seconds, peak = run_measured(command)
