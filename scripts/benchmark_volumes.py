@@ -26,7 +26,7 @@ from _measure import run_measured
 
 from monai.bundle import ConfigParser
 
-from multiad_monai.apps.cli import bundle_configs, parse_settings, run_bundle
+from multiad_monai.apps.cli import bundle_configs, defines_key, parse_settings, run_bundle
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "multiad_medical")
 
@@ -40,14 +40,7 @@ def inference_settings(items: list[str], overrides: list[str]) -> list[str]:
     as ``multiad infer`` refuses keys it does not know."""
     parser = ConfigParser()
     parser.read_config(bundle_configs(BUNDLE, "inferring", overrides))
-    kept = []
-    for item in items:
-        try:
-            parser[item.split("=", 1)[0]]
-        except (KeyError, IndexError, TypeError, ValueError):
-            continue
-        kept.append(item)
-    return kept
+    return [item for item in items if defines_key(parser, item.split("=", 1)[0])]
 
 
 def main() -> None:

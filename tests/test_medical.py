@@ -16,7 +16,7 @@ from monai.data import DataLoader, Dataset
 from PIL import Image
 
 from conftest import MedianDeviationNet, shared_data
-from multiad_monai.apps.cli import _defines, main, root_cause
+from multiad_monai.apps.cli import defines_key, main, root_cause
 from multiad_monai.data import (
     DEMO_VOLUME_FILES,
     DatasetError,
@@ -379,7 +379,7 @@ def test_bundles_layout_and_overrides():
                 # a new key is fine when it is a new argument of a defined object or a new helper referenced by the file
                 target = key.rsplit("#", 1)[0] if "#" in key else key
                 referenced = any(f"@{key}" in json.dumps(v) for v in json.load(open(os.path.join(bundle, "configs", override))).values())
-                assert referenced or any(_defines(parser, target) for parser in parsers), (override, key)
+                assert referenced or any(defines_key(parser, target) for parser in parsers), (override, key)
 
 
 def test_augmented_bundle_training_set_leaves_its_cache_alone(phantoms, tmp_path):

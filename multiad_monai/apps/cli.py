@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-__all__ = ["main", "bundle_configs", "check_override_keys", "parse_settings", "run_bundle", "root_cause", "DEFAULT_BUNDLE"]
+__all__ = ["main", "bundle_configs", "check_override_keys", "defines_key", "parse_settings", "run_bundle", "root_cause", "DEFAULT_BUNDLE"]
 
 BUNDLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bundles")
 DEFAULT_BUNDLE = os.path.join(BUNDLES_DIR, "multiad_2d")
@@ -78,7 +78,7 @@ def check_override_keys(bundle_root: str, workflows: list[str], overrides: list[
         parser.read_config(bundle_configs(bundle_root, workflow, overrides))
         parsers.append(parser)
     for key in keys:
-        if any(_defines(parser, key) for parser in parsers):
+        if any(defines_key(parser, key) for parser in parsers):
             continue
         known = sorted({k for parser in parsers for k in parser.get() if isinstance(k, str)})
         close = difflib.get_close_matches(key, known, n=1)
@@ -86,7 +86,8 @@ def check_override_keys(bundle_root: str, workflows: list[str], overrides: list[
         raise ValueError(f"unknown config key {key!r} for {' and '.join(workflows)} in {bundle_root}{hint}")
 
 
-def _defines(parser, key: str) -> bool:
+def defines_key(parser, key: str) -> bool:
+    """Whether a ``ConfigParser`` holds ``key`` (an ``a#b`` path included), without parsing its value."""
     try:
         parser[key]
     except (KeyError, IndexError, TypeError, ValueError):

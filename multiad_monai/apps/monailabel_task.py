@@ -25,7 +25,7 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from PIL import Image
 
-from multiad_monai.apps.cli import _defines, bundle_configs, root_cause, run_bundle
+from multiad_monai.apps.cli import bundle_configs, defines_key, root_cause, run_bundle
 from multiad_monai.data.errors import DatasetError
 from multiad_monai.data.mvtec import IMAGE_EXTENSIONS
 
@@ -75,7 +75,7 @@ class MultiADInferTask(InferTask):
         self.bundle_root = os.path.abspath(bundle_root)
         parser = ConfigParser()
         parser.read_config(bundle_configs(self.bundle_root, "inferring", overrides))
-        self.volumetric = _defines(parser, "input_path")
+        self.volumetric = defines_key(parser, "input_path")
         super().__init__(
             type=InferType.SEGMENTATION,
             labels={"anomaly": 1},
