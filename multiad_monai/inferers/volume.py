@@ -21,7 +21,7 @@ from multiad_monai.data.errors import DatasetError
 from multiad_monai.inferers.anomaly_map import image_score
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 from multiad_monai.transforms.channels import source_name
-from multiad_monai.transforms.slices import foreground_box
+from multiad_monai.transforms.slices import foreground_box, plane_region
 
 __all__ = ["VolumeAnomalyInferer", "write_volume_outputs"]
 
@@ -138,12 +138,9 @@ class VolumeAnomalyInferer:
         num_slices = data.shape[dim]
         anomaly_map = torch.zeros((1, *data.shape[1:]), dtype=torch.float32)
         slice_scores = np.zeros(num_slices, dtype=np.float64)
-        region = [slice(None)] * 4  # the part of the volume the network sees
+        region = (slice(None),) * 4  # the part of the volume the network sees
         if mask is not None and self.crop_to_foreground:
-            box = foreground_box(mask, self.axis, self.crop_margin)
-            for d, part in zip([d for d in range(3) if d != self.axis], box):
-                region[d + 1] = part
-        region = tuple(region)
+            region = (slice(None), *plane_region(self.axis, foreground_box(mask, self.axis, self.crop_margin)))
         data, map_region = data[region], anomaly_map[region]  # views: maps are written into anomaly_map
         inside = None
         if mask is not None and self.mask_to_foreground:

@@ -25,6 +25,7 @@ from multiad_monai.transforms.channels import source_name
 __all__ = [
     "foreground_box",
     "crop_plane",
+    "plane_region",
     "volume_slices",
     "stack_slices",
     "slice_coverage",
@@ -94,13 +95,18 @@ def foreground_box(mask: NdarrayOrTensor, axis: int = 2, margin: int = 8) -> tup
     return box[0], box[1]
 
 
+def plane_region(axis: int, box: tuple[slice, slice]) -> tuple[slice, slice, slice]:
+    """The spatial ``(X, Y, Z)`` slices of an in-plane ``box`` (see :func:`foreground_box`), every slice along ``axis``."""
+    region = [slice(None)] * 3
+    for d, part in zip([d for d in range(3) if d != axis], box):
+        region[d] = part
+    return region[0], region[1], region[2]
+
+
 def crop_plane(volume: NdarrayOrTensor, axis: int, box: tuple[slice, slice]) -> NdarrayOrTensor:
     """``volume (C, X, Y, Z)`` cropped in-plane to ``box`` (see :func:`foreground_box`), all slices kept;
     a MetaTensor's affine follows (MONAI ``SpatialCrop``)."""
-    roi = [slice(None)] * 3
-    for d, part in zip([d for d in range(3) if d != axis], box):
-        roi[d] = part
-    return SpatialCrop(roi_slices=roi)(volume)
+    return SpatialCrop(roi_slices=plane_region(axis, box))(volume)
 
 
 class RandNormalSliced(Randomizable, MapTransform, MultiSampleTrait):
