@@ -1,8 +1,8 @@
-"""Exception raised for datasets that cannot be used as given."""
+"""Exceptions for datasets and checkpoints that cannot be used as given, and the short reason shown for a wrapped error."""
 
 from __future__ import annotations
 
-__all__ = ["DatasetError", "CheckpointError"]
+__all__ = ["DatasetError", "CheckpointError", "first_line"]
 
 
 class DatasetError(ValueError):
@@ -16,3 +16,9 @@ class DatasetError(ValueError):
 class CheckpointError(RuntimeError):
     """A checkpoint or saved training state that is missing, unreadable, or from another configuration;
     the message names the file."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (readers' messages run to many lines), or its type's name when empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

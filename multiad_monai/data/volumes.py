@@ -19,7 +19,7 @@ import torch
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage, Orientation
 
-from multiad_monai.data.errors import DatasetError
+from multiad_monai.data.errors import DatasetError, first_line
 from multiad_monai.transforms.channels import source_name
 
 __all__ = ["load_volume", "restore_stored_orientation", "check_dicom_series", "check_image_label_pair", "multimodal_volume"]
@@ -147,8 +147,7 @@ def load_volume(
     try:
         volume = LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=np.float32)(path)
     except Exception as e:  # readers raise RuntimeError, OSError, ValueError, ... for bad files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DatasetError(f"{path!r} cannot be read as an image volume ({type(e).__name__}: {reason}).") from e
+        raise DatasetError(f"{path!r} cannot be read as an image volume ({type(e).__name__}: {first_line(e)}).") from e
     spatial = tuple(volume.shape[1:])
     if len(spatial) != 3 or min(spatial) < 2:
         raise DatasetError(

@@ -8,7 +8,7 @@ import os
 import torch
 from ignite.engine import Engine
 
-from multiad_monai.data.errors import CheckpointError
+from multiad_monai.data.errors import CheckpointError, first_line
 
 __all__ = ["NetworkCheckpointLoader", "load_network_checkpoint", "load_exported_network"]
 
@@ -26,8 +26,7 @@ def load_network_checkpoint(path: str, network: torch.nn.Module, map_location: s
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); it is truncated or not a PyTorch file.") from error
+        raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(error)}); it is truncated or not a PyTorch file.") from error
     if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
         state = state["network"]
     if not isinstance(state, dict):
@@ -92,8 +91,7 @@ def load_exported_network(path: str, map_location: str | torch.device = "cpu") -
     try:
         module = torch.jit.load(path, map_location=map_location)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"exported model {path} cannot be loaded ({reason}); export it again.") from error
+        raise CheckpointError(f"exported model {path} cannot be loaded ({first_line(error)}); export it again.") from error
     if not hasattr(module, "threshold"):
         raise CheckpointError(f"exported model {path} has no saved threshold: it is not a Multi-AD export.")
     return module.eval()

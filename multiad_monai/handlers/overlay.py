@@ -12,7 +12,6 @@ from scipy import ndimage
 
 from multiad_monai.atomic import atomic_path
 
-
 __all__ = ["render_overlay", "save_png", "heat_colormap", "NetworkOverlays"]
 
 

@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from multiad_monai.atomic import atomic_path
-from multiad_monai.data.errors import CheckpointError
+from multiad_monai.data.errors import CheckpointError, first_line
 
 __all__ = ["ResumeHandler", "RandomStates"]
 
@@ -127,7 +127,7 @@ class ResumeHandler:
                 _stateful(obj).load_state_dict(state[name])
             except (RuntimeError, ValueError, KeyError) as error:
                 raise CheckpointError(
-                    f"{self.path}: the saved {name!r} does not fit this configuration ({str(error).splitlines()[0]}); "
+                    f"{self.path}: the saved {name!r} does not fit this configuration ({first_line(error)}); "
                     "use the same settings to resume, or another output folder."
                 ) from error
         engine.state.epoch = trainer_state["epoch"]
