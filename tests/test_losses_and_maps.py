@@ -64,6 +64,20 @@ def test_generator_product_and_level_selection_without_smoothing():
         AnomalyMapGenerator(fusion="max")
 
 
+def test_level_weights_give_a_weighted_mean():
+    level_maps = torch.rand(2, 4, 6, 6)
+    weighted = AnomalyMapGenerator(num_levels=4, sigma=0, level_weights=[2, 1, 1, 0]).fuse(level_maps)
+    expected = (2 * level_maps[:, 0] + level_maps[:, 1] + level_maps[:, 2]) / 4
+    assert torch.allclose(weighted[:, 0], expected, atol=1e-6)
+    equal = AnomalyMapGenerator(num_levels=4, sigma=0, level_weights=[1, 1, 1, 1]).fuse(level_maps)
+    assert torch.allclose(equal, AnomalyMapGenerator(num_levels=4, sigma=0).fuse(level_maps), atol=1e-6)
+    for bad in ([1, 1, 1], [1, -1, 1, 1], [0, 0, 0, 0]):
+        with pytest.raises(ValueError):
+            AnomalyMapGenerator(num_levels=4, level_weights=bad)
+    with pytest.raises(ValueError):
+        AnomalyMapGenerator(num_levels=4, fusion="product", level_weights=[1, 1, 1, 1])
+
+
 def test_generator_3d():
     generator = AnomalyMapGenerator(spatial_dims=3, num_levels=1, sigma=1.0)
     amap = generator([torch.randn(1, 4, 4, 4, 4)], [torch.randn(1, 4, 4, 4, 4)], (16, 16, 16))

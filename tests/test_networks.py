@@ -153,6 +153,20 @@ def test_identical_student_gives_a_zero_map():
     assert float(amap.abs().max()) < 1e-5
 
 
+def test_test_time_flip_averages_the_mirrored_map():
+    torch.manual_seed(0)
+    network = MultiAD(EfficientNetLiteEncoder(), EfficientNetLiteEncoder(pretrained=False)).eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = network(images)
+        mirrored = network(images.flip(-1)).flip(-1)
+        network.test_time_flip = True
+        flipped = network(images)
+        assert torch.allclose(flipped, 0.5 * (plain + mirrored), atol=1e-5)
+        assert not torch.allclose(flipped, plain, atol=1e-4)  # a random student is not mirror-symmetric
+        assert torch.allclose(network(images.flip(-1)).flip(-1), flipped, atol=1e-5)  # flip-invariant
+
+
 def test_input_statistics():
     assert input_mean("efficientnet-lite0") == list(LITE_INPUT_MEAN)
     assert np.allclose(input_std("se-resnet50"), (0.229, 0.224, 0.225))

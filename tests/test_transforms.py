@@ -115,8 +115,24 @@ def test_synthetic_defect_types(defect_type, seed):
     assert 0.0 <= out["image"].min() and out["image"].max() <= 1.0
     changed = (out["image"] - image).abs().amax(0) > 1e-6
     assert changed[mask[0] > 0].float().mean() > 0.5  # the defect is where the mask says
-    if defect_type != "blob":  # blobs fade out softly just beyond their mask
+    if defect_type not in ("blob", "lesion"):  # blobs and lesions fade out softly just beyond their mask
         assert not changed[mask[0] == 0].any()
+
+
+def test_lesion_defects_stay_inside_the_foreground_with_both_signs():
+    image = torch.full((3, 64, 64), 0.5) + 0.05 * textured_image(0, size=64)
+    foreground = torch.zeros(1, 64, 64)
+    foreground[:, 16:48, 20:44] = 1.0
+    signs = set()
+    for seed in range(12):
+        transform = RandSyntheticDefectd(defect_types=["lesion"], seed_key="name", seed=seed, foreground_key="foreground")
+        out = transform({"image": image.clone(), "foreground": foreground, "name": "slice", "synthetic_defect": 1})
+        inside = foreground[0] > 0
+        assert out["mask"][0][~inside].sum() == 0 and out["mask"].sum() > 0
+        change = (out["image"] - image).mean(0)
+        assert change[~inside].abs().max() == 0  # no pixel of the organ's surroundings moves
+        signs.add(int(torch.sign(change[out["mask"][0] > 0].mean())))
+    assert signs == {-1, 1}  # bright and dark lesions
 
 
 def test_synthetic_defect_keeps_existing_mask_and_meta():

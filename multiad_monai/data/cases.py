@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
 from multiad_monai.data.demo_volumes import make_demo_volumes
 from multiad_monai.data.errors import DatasetError
@@ -171,7 +172,9 @@ def volume_folder_datalist(path: str) -> list[dict]:
 
 
 def normal_slice_datalist(datalist: Sequence[dict], volume_transform: Callable, sampler: Callable) -> list[dict]:
-    """The normal 2D training slices of every case, in memory: ``{"image" (C, H, W), "name", "case", "label": 0}``.
+    """The normal 2D training slices of every case, in memory: ``{"image" (C, H, W), "name", "case", "label": 0}``,
+    plus ``"foreground"`` ``(1, H, W)`` when the sampler slices the foreground mask too (validation places its
+    synthetic lesions inside it).
 
     Args:
         datalist: case items (see :func:`case_folder_datalist`).
@@ -187,16 +190,13 @@ def normal_slice_datalist(datalist: Sequence[dict], volume_transform: Callable, 
         case = item.get("name", os.path.basename(str(item["image"])))
         for sample in sampler(volume_transform(item)):
             index = int(sample["slice_index"])
-            image = sample["image"]
-            slices.append(
-                {
-                    "image": image.as_tensor().clone() if hasattr(image, "as_tensor") else image,
-                    "name": f"{case}_slice{index:04d}",
-                    "case": case,
-                    "slice_index": index,
-                    "label": 0,
-                }
-            )
+            item = {"name": f"{case}_slice{index:04d}", "case": case, "slice_index": index, "label": 0}
+            for key in ("image", "foreground"):
+                value = sample.get(key)
+                # an unsliced foreground (the sampler did not take it) is the whole volume: not kept
+                if isinstance(value, torch.Tensor) and value.shape[1:] == sample["image"].shape[1:]:
+                    item[key] = value.as_tensor().clone() if hasattr(value, "as_tensor") else value
+            slices.append(item)
     if not slices:
         raise DatasetError("no normal training slice in any case.")
     return slices

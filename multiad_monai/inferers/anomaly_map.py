@@ -50,6 +50,9 @@ class AnomalyMapGenerator(nn.Module):
             ``"learned"`` (the paper's 1x1 conv + BN + ReLU head, :class:`LearnedFusion`).
         sigma: Gaussian smoothing in pixels of the input; 0 disables it.
         levels: indices of the levels used in the map (default all).
+        level_weights: weights of the used levels in the ``"mean"`` fusion (default equal): more weight on the
+            fine levels (stride 4 and 8) sharpens the map, the coarse ones see more context. Non-negative, not
+            all zero; normalised to sum 1.
         level_normalization: ``"none"`` fuses the raw ``1 - cos`` maps; ``"pixel"`` first turns each level
             map into a per-pixel z-score against normal images, ``(map - normal_mean) / normal_std``, with
             the statistics set by :meth:`set_normal_statistics` (see ``fit_normal_statistics``). It removes
@@ -73,6 +76,7 @@ class AnomalyMapGenerator(nn.Module):
         levels: Sequence[int] | None = None,
         level_normalization: str = "none",
         min_std: float = 1e-3,
+        level_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if fusion not in FUSION_MODES:
@@ -84,6 +88,14 @@ class AnomalyMapGenerator(nn.Module):
         self.levels = list(range(num_levels)) if levels is None else list(levels)
         if not self.levels or any(not 0 <= i < num_levels for i in self.levels):
             raise ValueError(f"levels must be indices below num_levels={num_levels}, got {levels}.")
+        if level_weights is not None:
+            if fusion != "mean":
+                raise ValueError(f"level_weights apply to fusion='mean' only, got fusion={fusion!r}.")
+            if len(level_weights) != len(self.levels) or min(level_weights) < 0 or sum(level_weights) <= 0:
+                raise ValueError(
+                    f"level_weights need {len(self.levels)} non-negative values, not all zero; got {level_weights}."
+                )
+        self.level_weights = None if level_weights is None else [float(w) / sum(level_weights) for w in level_weights]
         self.fusion = fusion
         self.fusion_head = LearnedFusion(spatial_dims, len(self.levels)) if fusion == "learned" else None
         self.smooth = GaussianFilter(spatial_dims, sigma) if sigma > 0 else nn.Identity()
@@ -136,8 +148,11 @@ class AnomalyMapGenerator(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fuse(self, level_maps: torch.Tensor) -> torch.Tensor:
-        if self.fusion == "mean":
+        if self.fusion == "mean" and self.level_weights is None:
             fused = level_maps.mean(dim=1, keepdim=True)
+        elif self.fusion == "mean":
+            weights = torch.tensor(self.level_weights, dtype=level_maps.dtype, device=level_maps.device)
+            fused = (level_maps * weights.reshape(1, -1, *([1] * (level_maps.dim() - 2)))).sum(dim=1, keepdim=True)
         elif self.fusion == "product":
             fused = level_maps.prod(dim=1, keepdim=True)
         else:

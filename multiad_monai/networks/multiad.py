@@ -18,6 +18,9 @@ class MultiAD(nn.Module):
         student: encoder with the same ``out_channels`` as the teacher, trained to reproduce its features.
         discriminator: optional module judging the deepest features (teacher real, student fake).
         map_generator: turns feature pairs into a fused, smoothed map; default mean fusion, sigma 4.
+        test_time_flip: the map is the mean of the maps of the image and of its mirror image (flipped along
+            the last spatial axis, left-right for axial slices, and flipped back): twice the inference cost,
+            and the student's errors that are not mirror-symmetric average out. Training is unchanged.
 
     ``forward(images)`` with images ``(B, C, H, W[, D])`` returns the anomaly map ``(B, 1, H, W[, D])``.
     Buffers ``threshold`` (anomalous when the image score, or a pixel of the map, is at or above it) and
@@ -30,6 +33,7 @@ class MultiAD(nn.Module):
         student: nn.Module,
         discriminator: nn.Module | None = None,
         map_generator: AnomalyMapGenerator | None = None,
+        test_time_flip: bool = False,
     ) -> None:
         super().__init__()
         t_channels, s_channels = list(teacher.out_channels), list(student.out_channels)
@@ -39,6 +43,7 @@ class MultiAD(nn.Module):
         self.student = student
         self.discriminator = discriminator
         self.map_generator = map_generator if map_generator is not None else AnomalyMapGenerator(num_levels=len(t_channels))
+        self.test_time_flip = test_time_flip
         # set from normal validation images (NormalThresholdHandler) and saved with the weights
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.register_buffer("score_scale", torch.tensor(float("nan")))
@@ -54,6 +59,12 @@ class MultiAD(nn.Module):
             teacher_features = self.teacher(images)
         return teacher_features, self.student(images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def single_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The map of ``images`` without test-time flipping: ``(B, 1, *spatial)``."""
         teacher_features, student_features = self.features(images)
         return self.map_generator(teacher_features, student_features, images.shape[2:])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.test_time_flip:
+            return self.single_map(images)
+        return 0.5 * (self.single_map(images) + self.single_map(images.flip(-1)).flip(-1))

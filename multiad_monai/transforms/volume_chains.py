@@ -162,6 +162,7 @@ def slice_transforms_2d(
     std: Sequence[float] = IMAGENET_STD,
     synthetic_defects: bool = False,
     seed: int = 0,
+    defect_types: Sequence[str] = ("lesion",),
     teacher: torch.nn.Module | None = None,
     device: str | torch.device = "cpu",
     augment: bool = False,
@@ -169,11 +170,14 @@ def slice_transforms_2d(
     mask_key: str = "mask",
     label_key: str = "label",
     name_key: str = "name",
+    foreground_key: str = "foreground",
 ) -> Compose:
     """The 2D chain of in-memory slices ``(1 or 3, H, W)`` in [0, 1], as from :func:`multiad_monai.data.normal_slice_datalist`.
 
     Chain: Resized (bilinear + anti-aliasing, as the volume inferer) -> EnsureRGBd -> [synthetic defects:
-    EmptyMaskd + :class:`RandSyntheticDefectd` seeded per slice name, for the validation set] ->
+    EmptyMaskd + :class:`RandSyntheticDefectd` of ``defect_types`` (default lesion-like bright or dark
+    regions) seeded per slice name, placed inside the slice's ``foreground`` mask when the item has one
+    (resized with it, nearest), for the validation set] ->
     NormalizeIntensityd -> EnsureTyped (plain tensors) -> [``teacher``: :class:`TeacherFeaturesd`]. The chain
     is flat and, without synthetic defects, deterministic, so a ``CacheDataset`` caches the teacher features.
 
@@ -189,6 +193,7 @@ def slice_transforms_2d(
         raise ValueError("augment=True is for training slices: give no teacher (its features cannot be cached) and no synthetic defects.")
     transforms = [
         Resized(keys=image_key, spatial_size=(image_size, image_size), mode="bilinear", anti_aliasing=True),
+        Resized(keys=foreground_key, spatial_size=(image_size, image_size), mode="nearest", allow_missing_keys=True),
         EnsureRGBd(keys=image_key),
     ]
     if augment:
@@ -204,7 +209,14 @@ def slice_transforms_2d(
         transforms += [
             EmptyMaskd(mask_key=mask_key, image_key=image_key),
             RandSyntheticDefectd(
-                image_key=image_key, mask_key=mask_key, label_key=label_key, prob=0.5, seed_key=name_key, seed=seed
+                image_key=image_key,
+                mask_key=mask_key,
+                label_key=label_key,
+                prob=0.5,
+                defect_types=defect_types,
+                seed_key=name_key,
+                seed=seed,
+                foreground_key=foreground_key,
             ),
         ]
     transforms += [
@@ -214,7 +226,7 @@ def slice_transforms_2d(
             divisor=np.asarray(std, dtype=np.float32),
             channel_wise=True,
         ),
-        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
+        EnsureTyped(keys=[*keys, foreground_key], dtype=torch.float32, track_meta=False, allow_missing_keys=True),
     ]
     if teacher is not None:
         transforms.append(TeacherFeaturesd(keys=image_key, teacher=teacher, device=device))
