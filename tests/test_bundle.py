@@ -61,8 +61,10 @@ def test_train_evaluate_infer_end_to_end(tiny_demo_dataset, tmp_path):
     assert main(["demo", *common, *training]) == 0  # train, then evaluate on test/
     checkpoint = torch.load(os.path.join(out, "model.pt"), map_location="cpu", weights_only=True)
     assert torch.isfinite(checkpoint["threshold"]) and checkpoint["threshold"] > 0
-    metrics = json.load(open(os.path.join(out, "eval", "metrics.json")))["metrics"]
+    written = json.load(open(os.path.join(out, "eval", "metrics.json")))
+    metrics = written["metrics"]
     assert {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "dice"} <= set(metrics)
+    assert {"image_auroc", "pixel_auroc", "aupro"} <= set(written["baselines"]["feature_knn"])
     rows = list(csv.DictReader(open(os.path.join(out, "eval", "scores.csv"))))
     assert len(rows) == 10 and {r["label"] for r in rows} == {"0", "1"}
     assert all(0.0 <= float(r["normalized_score"]) <= 1.0 for r in rows)
@@ -78,7 +80,7 @@ def test_train_evaluate_infer_end_to_end(tiny_demo_dataset, tmp_path):
             image_tags |= set(events.Tags()["images"])
     assert any(tag.startswith("validation_overlays") for tag in image_tags)  # heatmaps in TensorBoard at validation
     report = open(os.path.join(out, "eval", "report.html")).read()
-    assert report.count("<svg") == 2 and "AUROC" in report
+    assert report.count("<svg") == 2 and "AUROC" in report and "Model vs baselines" in report
     for kind in ("false_positive", "false_negative"):  # the worst mistakes, with their overlays, beside it
         assert os.path.isfile(os.path.join(out, "eval", "report", f"{kind}_00.png")) and f"report/{kind}_00.png" in report
     assert main(["infer", *common, "--set", f"input_dir={os.path.join(tiny_demo_dataset, 'test')}"]) == 0

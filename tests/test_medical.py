@@ -407,8 +407,11 @@ def test_medical_bundle_end_to_end(phantoms, tmp_path):
     metrics = json.loads((output / "eval" / "metrics.json").read_text())
     assert set(metrics["test_cases"]).isdisjoint(metrics["training_cases"])
     assert {"slice_auroc", "voxel_auroc", "aupro", "dice"} <= set(metrics["metrics"])
+    assert {"intensity_bright", "intensity_dark", "intensity_histogram", "feature_knn"} == set(metrics["baselines"])
+    assert set(metrics["per_case"]) == set(metrics["test_cases"]) and "model" in metrics["per_case"][metrics["test_cases"][0]]
     report = (output / "eval" / "report.html").read_text()  # slice ROC, histograms and the per-volume table
     assert report.count("<svg") == 2 and all(f"{name}_anomaly_map.nii.gz" in report for name in metrics["test_cases"])
+    assert "Model vs baselines" in report
     scan = os.path.join(phantoms, metrics["test_cases"][0], "flair.nii.gz")
     assert main(["infer", *common, "--set", "image_size=64", "--set", f"input_path={scan}"]) == 0
     assert "normalized_score" in (output / "inference" / "README.md").read_text()  # outputs explained beside them

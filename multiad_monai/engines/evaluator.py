@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from ignite.metrics import Metric
 from monai.engines import Evaluator
 from monai.engines.utils import default_metric_cmp_fn
@@ -14,6 +15,7 @@ from monai.utils import CommonKeys as Keys
 
 from multiad_monai.engines.utils import to_device
 from multiad_monai.inferers.anomaly_map import image_score
+from multiad_monai.inferers.baselines import BASELINE_MAPS_KEY, BASELINE_SCORES_KEY
 
 __all__ = ["AnomalyEvaluator", "MAP_KEY", "SCORE_KEY", "MASK_KEY", "NAME_KEY"]
 
@@ -40,11 +42,16 @@ class AnomalyEvaluator(Evaluator):
         score_mode: ``"max"`` or ``"topk"`` (mean of the top ``topk_ratio`` of pixels): image score from the map.
         inferer: optional MONAI inferer (e.g. ``SlidingWindowInferer`` for large images); default a plain call.
         channels_last: run in channels-last memory format (faster on CPU).
+        baselines: name -> scorer measured beside the network on the same images (e.g.
+            :class:`~multiad_monai.inferers.FeatureKNNBaseline`): a module mapping images to maps
+            ``(B, 1, H, W)``; one with ``is_fitted`` False is fitted (``fit()``) when the run starts, after the
+            handlers' start events (the checkpoint is loaded first).
         epoch_length, non_blocking, postprocessing, key_val_metric, additional_metrics, metric_cmp_fn,
         val_handlers, amp, decollate: as in :class:`monai.engines.SupervisedEvaluator`.
 
     ``engine.state.output``: ``image``, ``anomaly_map`` ``(B, 1, ...)``, ``score`` ``(B,)``, and ``label``,
-    ``mask``, ``name`` when the batch has them, all on the CPU.
+    ``mask``, ``name`` when the batch has them, all on the CPU; with ``baselines`` also ``baseline_maps``
+    and ``baseline_scores``: name -> maps ``(B, 1, ...)`` and scores ``(B,)``.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class AnomalyEvaluator(Evaluator):
         val_handlers: Sequence | None = None,
         amp: bool = False,
         decollate: bool = False,
+        baselines: Mapping[str, torch.nn.Module] | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -97,6 +105,14 @@ class AnomalyEvaluator(Evaluator):
         self.topk_ratio = topk_ratio
         self.image_key, self.label_key, self.mask_key = image_key, label_key, mask_key
         self.channels_last = channels_last
+        self.baselines = dict(baselines or {})
+        if self.baselines:
+            self.add_event_handler(Events.STARTED, self._fit_baselines)
+
+    def _fit_baselines(self, engine: AnomalyEvaluator) -> None:
+        for baseline in self.baselines.values():
+            if not getattr(baseline, "is_fitted", True):
+                baseline.fit()
 
     def _iteration(self, engine: AnomalyEvaluator, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:
@@ -106,6 +122,13 @@ class AnomalyEvaluator(Evaluator):
             maps = engine.inferer(images, engine.network) if engine.inferer is not None else engine.network(images)
             scores = image_score(maps, engine.score_mode, engine.topk_ratio)
         output = {Keys.IMAGE: images.cpu(), MAP_KEY: maps.cpu(), SCORE_KEY: scores.cpu()}
+        if engine.baselines:
+            with torch.inference_mode():
+                baseline_maps = {name: baseline(images).cpu() for name, baseline in engine.baselines.items()}
+            output[BASELINE_MAPS_KEY] = baseline_maps
+            output[BASELINE_SCORES_KEY] = {
+                name: image_score(amap, engine.score_mode, engine.topk_ratio) for name, amap in baseline_maps.items()
+            }
         if engine.label_key in batchdata:
             output[Keys.LABEL] = torch.as_tensor(batchdata[engine.label_key]).reshape(-1).cpu()
         if engine.mask_key in batchdata:

@@ -6,13 +6,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from ignite.metrics import Metric
 from monai.data import MetaTensor, decollate_batch
 from monai.engines.utils import default_metric_cmp_fn
 from monai.utils import CommonKeys as Keys
 
 from multiad_monai.engines.evaluator import MAP_KEY, NAME_KEY, SCORE_KEY, AnomalyEvaluator
+from multiad_monai.inferers.baselines import BASELINE_MAPS_KEY, BASELINE_SCORES_KEY
 from multiad_monai.inferers.volume import VolumeAnomalyInferer
+from multiad_monai.inferers.volume_baselines import VolumeBaselineInferer
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["VolumeAnomalyEvaluator", "SLICE_SCORES_KEY", "FOREGROUND_KEY", "THRESHOLD_KEY"]
@@ -47,11 +50,14 @@ class VolumeAnomalyEvaluator(AnomalyEvaluator):
         crop_to_foreground, crop_margin: run the network on the in-plane foreground box only (as
             :class:`VolumeAnomalyInferer`); use the setting the training slices were cut with.
         score_mode: slice score from the slice map; the volume score is the largest slice score.
+        baseline_inferer: baselines measured beside the network on the same volumes and foreground
+            (:class:`~multiad_monai.inferers.VolumeBaselineInferer`); fitted when the run starts unless it is.
         key_val_metric, additional_metrics, val_handlers, metric_cmp_fn, epoch_length: as MONAI's evaluators.
 
     ``engine.state.output``: ``anomaly_map`` MetaTensor ``(1, X, Y, Z)`` on the input's grid, ``slice_scores``
     ``(N,)``, ``score`` (the volume score, shape (1,)), ``threshold``, ``name``, and ``label`` /
-    ``foreground`` when given.
+    ``foreground`` when given; with a ``baseline_inferer`` also ``baseline_maps`` (name -> ``(1, X, Y, Z)``)
+    and ``baseline_scores`` (name -> per-slice scores ``(N,)``).
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class VolumeAnomalyEvaluator(AnomalyEvaluator):
         additional_metrics: dict[str, Metric] | None = None,
         metric_cmp_fn: Callable = default_metric_cmp_fn,
         val_handlers: Sequence | None = None,
+        baseline_inferer: VolumeBaselineInferer | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -103,6 +110,14 @@ class VolumeAnomalyEvaluator(AnomalyEvaluator):
             crop_margin=crop_margin,
         )
         self.foreground_key = foreground_key
+        self.baseline_inferer = baseline_inferer
+        if baseline_inferer is not None and baseline_inferer.names:
+            # after the handlers' start events, so that the checkpoint (and its teacher) is loaded first
+            self.add_event_handler(Events.STARTED, self._fit_baselines)
+
+    def _fit_baselines(self, engine: VolumeAnomalyEvaluator) -> None:
+        if not self.baseline_inferer.is_fitted:
+            self.baseline_inferer.fit()
 
     def _iteration(self, engine: VolumeAnomalyEvaluator, batchdata: Any) -> dict:
         if batchdata is None:
@@ -123,6 +138,8 @@ class VolumeAnomalyEvaluator(AnomalyEvaluator):
             THRESHOLD_KEY: engine.volume_inferer.threshold,
             "source": str(volume.meta.get("filename_or_obj", "")) if isinstance(volume, MetaTensor) else "",
         }
+        if engine.baseline_inferer is not None and engine.baseline_inferer.names:
+            output[BASELINE_MAPS_KEY], output[BASELINE_SCORES_KEY] = engine.baseline_inferer(volume, foreground)
         if case.get(engine.label_key) is not None:
             output[Keys.LABEL] = case[engine.label_key]
         if foreground is not None:

@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from multiad_monai.engines.evaluator import MAP_KEY, SCORE_KEY
 from multiad_monai.handlers.overlay import NetworkOverlays, save_png
 from multiad_monai.handlers.writers import _sample_names, atomic_write_text, gather_rows
+from multiad_monai.metrics import BASELINES_KEY, PER_CASE_KEY
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["EvaluationReportWriter", "VolumeEvaluationReportWriter", "TensorBoardOverlayHandler", "roc_svg", "histogram_svg"]
@@ -81,8 +82,53 @@ def histogram_svg(scores: np.ndarray, labels: np.ndarray, threshold: float, bins
     return f'<svg width="{_WIDTH}" height="{_HEIGHT}">{"".join(parts)}</svg>'
 
 
+# metrics shown in the model-vs-baselines table, where the model and at least one baseline have them
+_COMPARED_METRICS = ("image_auroc", "pixel_auroc", "slice_auroc", "voxel_auroc", "voxel_ap", "aupro")
+
+BASELINES_NOTE = (
+    "Baselines, fitted on the same normal training data: intensity_bright / intensity_dark score each voxel by "
+    "its brightness / darkness inside the foreground, intensity_histogram by how rare its value is in normal "
+    "tissue, feature_knn by the distance of the frozen teacher's features to the nearest normal training patch "
+    "(PatchCore-style). A model that scores below a baseline does not earn its place on this data."
+)
+
+
+def _number(value) -> str:
+    return "" if value is None or not math.isfinite(float(value)) else f"{float(value):.4f}"
+
+
+def baselines_html(metrics: dict) -> str:
+    """The model-vs-baselines table (and the per-case voxel AUROCs) of ``metrics``; empty without baselines."""
+    baselines = metrics.get(BASELINES_KEY)
+    if not isinstance(baselines, dict) or not baselines:
+        return ""
+    names = [n for n in _COMPARED_METRICS if n in metrics and any(n in values for values in baselines.values())]
+    rows = [("model", {n: metrics.get(n) for n in names})] + list(baselines.items())
+    cells = "".join(
+        "<tr>" + f"<td>{html.escape(scorer)}</td>" + "".join(f"<td>{_number(values.get(n))}</td>" for n in names) + "</tr>"
+        for scorer, values in rows
+    )
+    page = (
+        f"<h2>Model vs baselines</h2><p>{html.escape(BASELINES_NOTE)}</p>"
+        f"<table><tr><th></th>{''.join(f'<th>{n}</th>' for n in names)}</tr>{cells}</table>"
+    )
+    per_case = metrics.get(PER_CASE_KEY)
+    if isinstance(per_case, dict) and per_case:
+        scorers = list(next(iter(per_case.values())))
+        cells = "".join(
+            f"<tr><td>{html.escape(case)}</td>" + "".join(f"<td>{_number(values.get(s))}</td>" for s in scorers) + "</tr>"
+            for case, values in per_case.items()
+        )
+        page += (
+            "<h3>Voxel AUROC inside the foreground, per case</h3>"
+            f"<table><tr><th>case</th>{''.join(f'<th>{html.escape(s)}</th>' for s in scorers)}</tr>{cells}</table>"
+        )
+    return page
+
+
 def _report_page(title: str, metrics: dict, body: str) -> str:
-    """A self-contained HTML page: ``title``, the float metrics of the epoch as a table, then ``body``."""
+    """A self-contained HTML page: ``title``, the float metrics of the epoch as a table, the model-vs-baselines
+    table when the evaluation has baselines, then ``body``."""
     table = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in metrics.items() if isinstance(v, (int, float))
     )
@@ -92,6 +138,7 @@ def _report_page(title: str, metrics: dict, body: str) -> str:
 td,th{{padding:2px 10px}} figcaption{{font-size:12px}}</style></head><body>
 <h1>{title}</h1>
 <table>{table}</table>
+{baselines_html(metrics)}
 {body}
 </body></html>
 """

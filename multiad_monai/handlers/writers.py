@@ -17,7 +17,7 @@ from ignite.engine import Engine, Events
 
 from multiad_monai.atomic import atomic_path
 from multiad_monai.engines.evaluator import MAP_KEY, NAME_KEY, SCORE_KEY
-from multiad_monai.metrics import normalize_scores
+from multiad_monai.metrics import BASELINES_KEY, PER_CASE_KEY, normalize_scores
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -89,8 +89,17 @@ def _sample_names(output: dict, batch_size: int, start: int) -> list[str]:
     return [str(n) for n in names] if names is not None else [f"sample_{start + i:05d}" for i in range(batch_size)]
 
 
+def _json_numbers(value):
+    """Nested dicts of numbers as JSON-ready floats (None for None)."""
+    if isinstance(value, dict):
+        return {str(k): _json_numbers(v) for k, v in value.items()}
+    return None if value is None else float(value)
+
+
 class MetricsJSONWriter:
-    """After an evaluator's epoch, writes ``engine.state.metrics`` (floats only) to a JSON file.
+    """After an evaluator's epoch, writes ``engine.state.metrics`` (floats only) to a JSON file, with the
+    baselines' metrics and the per-case table when the evaluator has them
+    (:mod:`multiad_monai.metrics.baselines`) as ``"baselines"`` and ``"per_case"`` beside ``"metrics"``.
 
     Args:
         output_path: the JSON file.
@@ -108,7 +117,12 @@ class MetricsJSONWriter:
         if idist.get_rank() > 0:  # metrics are gathered over processes already: one writer is enough
             return
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float, np.floating))}
-        atomic_write_text(self.output_path, json.dumps({**self.extra, "metrics": metrics}, indent=2) + "\n")
+        tables = {
+            key: _json_numbers(engine.state.metrics[key])
+            for key in (BASELINES_KEY, PER_CASE_KEY)
+            if isinstance(engine.state.metrics.get(key), dict) and engine.state.metrics[key]
+        }
+        atomic_write_text(self.output_path, json.dumps({**self.extra, "metrics": metrics, **tables}, indent=2) + "\n")
         logging.getLogger(__name__).info(f"metrics written to {self.output_path}")
 
 

@@ -2,7 +2,8 @@
 
 from multiad_monai.metrics.cumulative import METRIC_NAMES, AnomalyDetectionMetrics, default_output_transform
 from multiad_monai.metrics.validation import NormalFitScore, ValidationScore
-from multiad_monai.metrics.volume import VOLUME_METRIC_NAMES, VolumeAnomalyMetrics, slice_labels, volume_case_summary
+from multiad_monai.metrics.volume import VOLUME_METRIC_NAMES, VolumeAnomalyMetrics, foreground_auroc, slice_labels, volume_case_summary
+from multiad_monai.metrics.baselines import BASELINES_KEY, PER_CASE_KEY, ImageBaselineMetrics, VolumeBaselineMetrics
 from multiad_monai.metrics.functional import (
     aupro,
     dice_per_sample,
@@ -22,6 +23,11 @@ __all__ = [
     "ValidationScore",
     "VOLUME_METRIC_NAMES",
     "VolumeAnomalyMetrics",
+    "VolumeBaselineMetrics",
+    "ImageBaselineMetrics",
+    "BASELINES_KEY",
+    "PER_CASE_KEY",
+    "foreground_auroc",
     "slice_labels",
     "volume_case_summary",
     "NormalFitScore",

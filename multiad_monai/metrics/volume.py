@@ -23,7 +23,7 @@ from skimage.measure import label as label_connected_components
 from multiad_monai.metrics import functional as F
 from multiad_monai.metrics.cumulative import add_if_computable, all_gather_array
 
-__all__ = ["VolumeAnomalyMetrics", "VOLUME_METRIC_NAMES", "slice_labels", "volume_case_summary"]
+__all__ = ["VolumeAnomalyMetrics", "VOLUME_METRIC_NAMES", "slice_labels", "volume_case_summary", "foreground_auroc"]
 
 VOLUME_METRIC_NAMES = (
     "slice_auroc", "slice_ap", "voxel_auroc", "voxel_ap", "aupro", "voxel_f1_max", "dice", "slice_pixel_auroc"
@@ -77,6 +77,18 @@ def volume_case_summary(
     summary["lesion_voxels"] = int(truth.sum())
     summary["dice"] = 1.0 if denominator == 0 else 2.0 * overlap / denominator
     return summary
+
+
+def foreground_auroc(anomaly_map: Any, label: Any, foreground: Any | None = None) -> float | None:
+    """Voxel AUROC of one volume ``(1, X, Y, Z)`` inside ``foreground``; None when a class is missing."""
+    values = _spatial(anomaly_map, "anomaly_map").astype(np.float32, copy=False)
+    lesion = _spatial(label, "label") > 0
+    inside = np.ones(values.shape, bool) if foreground is None else _spatial(foreground, "foreground") > 0
+    normal, abnormal = values[inside & ~lesion], values[inside & lesion]
+    if normal.size == 0 or abnormal.size == 0:
+        return None
+    # boolean indexing made copies, so sort_scores may sort them in place
+    return F.auroc_from_sorted(F.sort_scores(normal, abnormal))
 
 
 class VolumeAnomalyMetrics(Metric):
