@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from sklearn.metrics import roc_auc_score
 
 from conftest import BUNDLE_ROOT
 from multiad_monai.apps.cli import bundle_configs, main, root_cause
@@ -113,5 +114,7 @@ def test_retina_oct_override_trains_with_pixel_normalization(tiny_demo_dataset, 
     assert mean.shape == std.shape == (4, 64, 64)
     assert float(mean.min()) > 0 and float(std.max()) > 0  # fitted on training images, not the unfitted 0 / 1
     metrics = json.load(open(os.path.join(out, "eval", "metrics.json")))["metrics"]
-    assert 0.0 <= metrics["image_auroc"] <= 1.0
+    rows = list(csv.DictReader(open(os.path.join(out, "eval", "scores.csv"))))
+    labels, scores = [int(r["label"]) for r in rows], [float(r["score"]) for r in rows]
+    assert metrics["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))  # the scores the table shows
     assert main(["infer", *common, "--set", f"input_dir={os.path.join(tiny_demo_dataset, 'test')}"]) == 0

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import BUNDLE_ROOT
 from multiad_monai.apps.cli import main
@@ -29,8 +30,13 @@ def torchrun(*args: str, cwd: str, module: str = "multiad_monai") -> str:
 def test_two_process_gloo_training_and_gathered_evaluation(tiny_demo_dataset, tmp_path):
     output = str(tmp_path / "ddp")
     common = ["--dataset_dir", tiny_demo_dataset, "--output_dir", output]
+    # each rank saves its student's parameters before the process group ends (buffers are rank-local)
+    save_student = "$torch.save(dict(@network.student.named_parameters()), os.path.join(@output_dir, f'student_rank{torch.distributed.get_rank()}.pt'))"
+    ranks_save = tmp_path / "save_student_per_rank.json"
+    ranks_save.write_text(json.dumps({"finalize": [save_student, "$torch.distributed.destroy_process_group()"]}))
     # the documented launch: MONAI's bundle runner with the multi-GPU override last in the config list
     configs = [os.path.join(BUNDLE_ROOT, "configs", name) for name in ("common.json", "train.json", "multi_gpu_train.json")]
+    configs.append(str(ranks_save))
     log = torchrun(
         "run", "training",
         "--meta_file", os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
@@ -43,6 +49,10 @@ def test_two_process_gloo_training_and_gathered_evaluation(tiny_demo_dataset, tm
     )
     assert "rank 1 of 2: student and discriminator in DistributedDataParallel" in log
     assert os.path.isfile(os.path.join(output, "model.pt"))
+    students = [torch.load(os.path.join(output, f"student_rank{rank}.pt"), weights_only=True) for rank in (0, 1)]
+    assert students[0].keys() == students[1].keys() and len(students[0]) > 10
+    for name, parameter in students[0].items():  # gradients were averaged: both ranks took the same steps
+        assert torch.equal(parameter, students[1][name]), name
 
     torchrun("evaluate", *common, "--override", "multi_gpu_evaluate.json", "--set", "image_size=64", cwd=str(tmp_path))
     with open(os.path.join(output, "eval", "metrics.json")) as f:

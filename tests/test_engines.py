@@ -22,7 +22,7 @@ def _network(seed=0):
     return MultiAD(teacher, student, FeatureDiscriminator(in_channels=320, channels=(32, 64), strides=(1, 2)))
 
 
-def _trainer(network, loader, epochs):
+def _trainer(network, loader, epochs, adversarial_weight=0.01):
     return MultiADTrainer(
         device="cpu",
         max_epochs=epochs,
@@ -30,7 +30,7 @@ def _trainer(network, loader, epochs):
         network=network,
         optimizer=torch.optim.Adam(network.student.parameters(), lr=2e-3),
         discriminator_optimizer=torch.optim.Adam(network.discriminator.parameters(), lr=2e-4),
-        adversarial_weight=0.01,
+        adversarial_weight=adversarial_weight,
     )
 
 
@@ -49,6 +49,21 @@ def test_training_lowers_the_distillation_loss_with_cached_teacher(tiny_demo_dat
     for key, value in network.teacher.state_dict().items():
         assert torch.equal(value, teacher_before[key]), f"teacher changed: {key}"
     assert np.isfinite(trainer.state.output["discriminator_loss"])
+
+
+def test_adversarial_gradient_reaches_the_student(tiny_demo_dataset):
+    items = mvtec_datalist(tiny_demo_dataset, "train")[:4]
+    students = []
+    # weight 1e-12 takes the same random draws as 0.01 (the discriminator runs in both): any difference
+    # between the two steps is the adversarial term's gradient in the student
+    for weight in (0.01, 0.01, 1e-12):
+        network = _network(seed=1)
+        loader = DataLoader(Dataset(items, image_transforms_2d(64, MEAN, STD)), batch_size=4)
+        torch.manual_seed(5)
+        _trainer(network, loader, epochs=1, adversarial_weight=weight).run()
+        students.append(torch.cat([p.detach().reshape(-1) for p in network.student.parameters()]))
+    assert torch.equal(students[0], students[1]), "the step is not deterministic, the comparison below means nothing"
+    assert (students[0] - students[2]).abs().max() > 1e-6, "the adversarial term does not change the student"
 
 
 def test_cached_and_live_teacher_features_give_the_same_step(tiny_demo_dataset):

@@ -124,3 +124,18 @@ def test_fitted_normal_statistics_load_into_an_unfitted_generator():
     assert torch.equal(fresh.normal_mean, fitted.normal_mean) and torch.equal(fresh.normal_std, fitted.normal_std)
     # raw-map generators have no such buffers, so their older checkpoints load strictly
     assert "normal_mean" not in AnomalyMapGenerator(num_levels=2).state_dict()
+
+
+def test_loaded_map_smoothing_wins_and_a_different_setting_is_logged(caplog):
+    import logging
+
+    trained = AnomalyMapGenerator(num_levels=2, sigma=4.0)
+    configured = AnomalyMapGenerator(num_levels=2, sigma=2.0)
+    with caplog.at_level(logging.WARNING):
+        configured.load_state_dict(trained.state_dict())
+    assert float(configured.smooth.sigma[0]) == 4.0  # the threshold saved with it was set on these maps
+    assert "sigma 4 is used, not the configured 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        AnomalyMapGenerator(num_levels=2, sigma=4.0).load_state_dict(trained.state_dict())
+    assert "sigma" not in caplog.text

@@ -31,7 +31,7 @@ from multiad_monai.data import (
 from multiad_monai.engines import VolumeAnomalyEvaluator
 from multiad_monai.handlers import VolumeOutputWriter
 from multiad_monai.inferers import VolumeAnomalyInferer
-from multiad_monai.metrics import VolumeAnomalyMetrics, aupro, image_auroc, pixel_auroc, slice_labels
+from multiad_monai.metrics import VolumeAnomalyMetrics, aupro, dice_score, image_auroc, pixel_auroc, slice_labels
 from multiad_monai.transforms import RandNormalSliced, slice_transforms_2d, volume_transforms
 
 MEDICAL_BUNDLE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "bundles", "multiad_medical"))
@@ -262,7 +262,8 @@ def test_volume_metrics_match_the_pooled_definitions():
     plane_maps = np.concatenate([m[..., e].reshape(-1) for m, e in zip(maps, eligible)])
     plane_truth = np.concatenate([lab[..., e].reshape(-1) for lab, e in zip(labels, eligible)])
     assert result["slice_pixel_auroc"] == pytest.approx(pixel_auroc(plane_maps, plane_truth))
-    assert 0.0 <= result["dice"] <= 1.0
+    # mean per-volume Dice of the mask at the saved threshold (0.5), the lesion being inside the foreground
+    assert result["dice"] == pytest.approx(np.mean([dice_score(m, lab, 0.5) for m, lab in zip(maps, labels)]))
 
 
 def test_perfect_volume_maps_score_one():

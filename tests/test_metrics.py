@@ -245,6 +245,9 @@ def test_aupro_in_unit_interval_and_equals_brute_force(maps, masks, fpr_limit):
 # ----------------------------------------------------------------------------- ignite metric
 
 
+SAVED_THRESHOLD = 0.6  # the network's saved threshold, which the evaluator passes with each batch
+
+
 def make_batches(seed: int = 0):
     rng = np.random.default_rng(seed)
     maps, masks = random_maps_and_masks(seed, shape=(6, 1, 8, 8), levels=None)
@@ -257,6 +260,7 @@ def make_batches(seed: int = 0):
             "label": torch.from_numpy(labels[s]),
             "anomaly_map": torch.from_numpy(maps[s]),
             "mask": torch.from_numpy(masks[s]),
+            "threshold": SAVED_THRESHOLD,
         }
         for s in (slice(0, 4), slice(4, 6))
     ]
@@ -276,7 +280,7 @@ def expected_results(scores, labels, maps, masks, fpr_limit=0.3):
         "aupro": aupro(maps, masks, fpr_limit=fpr_limit),
         "pixel_f1_max": pixel_f1,
         "pixel_f1_threshold": pixel_threshold,
-        "dice": dice_score(maps, masks, pixel_threshold),
+        "dice": dice_score(maps, masks, SAVED_THRESHOLD),
     }
 
 
@@ -295,7 +299,16 @@ def test_ignite_metric_matches_functional_on_batched_dicts():
     assert all(isinstance(v, float) for v in metrics["anomaly"].values())
     # ignite's Metric.completed also stores each entry as its own key (what StatsHandler prints).
     assert metrics["aupro"] == metrics["anomaly"]["aupro"]
-    assert metrics["dice"] == pytest.approx(metrics["pixel_f1_max"])  # Dice is pixel F1
+    # Dice is the user's mask at the saved threshold; F1 at the test-optimal threshold is only an upper bound
+    assert metrics["dice"] < metrics["pixel_f1_max"]
+
+
+def test_ignite_metric_without_a_saved_threshold_reports_no_dice(caplog):
+    batches = [{key: value for key, value in batch.items() if key != "threshold"} for batch in make_batches()[0]]
+    with caplog.at_level(logging.WARNING):
+        metrics = run_engine(AnomalyDetectionMetrics(), batches)
+    assert "dice" not in metrics["anomaly"] and "pixel_f1_max" in metrics["anomaly"]
+    assert "no saved threshold" in caplog.text
 
 
 def test_ignite_metric_on_decollated_output_with_missing_normal_masks():

@@ -58,10 +58,12 @@ def test_resume_with_other_settings_is_one_clear_error(tiny_demo_dataset, tmp_pa
     common = ["train", "--dataset_dir", tiny_demo_dataset, "--output_dir", str(tmp_path / "run"), *TINY]
     assert main([*common, "--set", "num_epochs=1"]) == 0
     capsys.readouterr()
+    before = os.path.getmtime(tmp_path / "run" / "model.pt")
     assert main([*common, "--set", "num_epochs=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "resume.pt" in err[-1] and "1 epochs" in err[-1] and err[-1].startswith("multiad: error:")
+    assert "num_epochs 1 -> 2" in err[-1] and "resume=false" in err[-1] and err[-1].startswith("multiad: error:")
     assert not any("Traceback" in line for line in err)  # stopped before training started
+    assert os.path.getmtime(tmp_path / "run" / "model.pt") == before
 
 
 def test_same_seed_same_scores(tiny_demo_dataset, tmp_path):

@@ -128,7 +128,13 @@ def test_multimodal_volume(phantom, tmp_path):
 
 
 def test_image_label_pair(phantom, loaded):
-    check_image_label_pair(loaded["image"], loaded["lesion"])
+    check_image_label_pair(loaded["image"], loaded["lesion"])  # the phantom's own pair is accepted
+    shifted = loaded["lesion"].clone()
+    shifted.affine[0, 3] += 2.0  # 2 mm off: a label voxel no longer marks the image voxel at its index
+    with pytest.raises(DatasetError, match="different affines"):
+        check_image_label_pair(loaded["image"], shifted)
+    with pytest.raises(DatasetError, match="spatial shape"):
+        check_image_label_pair(loaded["image"], loaded["lesion"][:, :-1])
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from multiad_monai.data.errors import root_cause
+
 __all__ = ["main", "bundle_configs", "check_override_keys", "defines_key", "parse_settings", "run_bundle", "root_cause", "DEFAULT_BUNDLE"]
 
 BUNDLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bundles")
@@ -50,19 +52,6 @@ def run_bundle(bundle_root: str, workflow: str, overrides: list[str] | None = No
         bundle_root=bundle_root,
         **values,
     )
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The error to show: MONAI's config parser and transforms wrap errors of ``$`` expressions, ``_target_``
-    calls and transforms; the outermost of this package's own errors (which name the file) if any, else the
-    innermost exception."""
-    from multiad_monai.data.errors import CheckpointError, DatasetError
-
-    chain = [error]
-    while chain[-1].__cause__ is not None:
-        chain.append(chain[-1].__cause__)
-    ours = [e for e in chain if isinstance(e, (DatasetError, CheckpointError))]
-    return ours[0] if ours else chain[-1]
 
 
 def check_override_keys(bundle_root: str, workflows: list[str], overrides: list[str], keys: list[str]) -> None:

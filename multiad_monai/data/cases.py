@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from multiad_monai.data.demo_volumes import make_demo_volumes
-from multiad_monai.data.errors import DatasetError
+from multiad_monai.data.errors import DatasetError, first_line, root_cause
+from multiad_monai.data.mvtec import report_skipped_files
+from multiad_monai.data.run_record import chosen_dataset_dir
 
 __all__ = [
     "case_folder_datalist",
@@ -17,6 +19,7 @@ __all__ = [
     "volume_folder_datalist",
     "normal_slice_datalist",
     "volume_inference_datalist",
+    "readable_volume_datalist",
     "resolve_volume_dataset_dir",
     "VOLUME_EXTENSIONS",
     "volume_stem",
@@ -26,8 +29,10 @@ VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 DEMO_VOLUMES_SUBDIR = "demo_volumes"
 
 
-def resolve_volume_dataset_dir(dataset_dir: str | None, output_dir: str) -> str:
-    """``dataset_dir`` as an absolute path or, when empty, the generated phantom cases under ``output_dir``."""
+def resolve_volume_dataset_dir(dataset_dir: str | None, output_dir: str, from_record: bool = False) -> str:
+    """``dataset_dir`` as an absolute path or, when empty or ``"demo"``, the generated phantom cases under
+    ``output_dir``; with ``from_record`` an empty ``dataset_dir`` means the source recorded by training."""
+    dataset_dir = chosen_dataset_dir(dataset_dir, output_dir, from_record)
     if dataset_dir:
         if not os.path.isdir(dataset_dir):
             raise DatasetError(f"dataset folder not found: {dataset_dir}")
@@ -210,9 +215,46 @@ def volume_inference_datalist(
     foreground: str | None = "brainmask.nii.gz",
 ) -> list[dict]:
     """What to run inference on: the volumes at ``input_path`` (see :func:`volume_folder_datalist`) or, when it
-    is empty, every case folder of the dataset (see :func:`resolve_volume_dataset_dir`), without labels; their
+    is empty, every case folder of the dataset (``dataset_dir``, by default the one training recorded), without labels; their
     foreground masks are kept to confine the maps. The dataset is not touched when ``input_path`` is given."""
     if input_path:
         return volume_folder_datalist(input_path)
-    root = resolve_volume_dataset_dir(dataset_dir, output_dir)
+    root = resolve_volume_dataset_dir(dataset_dir, output_dir, from_record=True)
     return case_folder_datalist(root, image=image, label=None, foreground=foreground)
+
+
+def _item_files(item: dict) -> str:
+    image = item.get("image", "")
+    files = list(image.values()) if isinstance(image, dict) else [image] if isinstance(image, str) else list(image)
+    return ";".join(str(f) for f in files)
+
+
+def readable_volume_datalist(
+    datalist: Sequence[dict],
+    volume_transform: Callable[[dict], dict],
+    skip_bad_files: bool = False,
+    report_path: str | None = None,
+) -> list[dict]:
+    """The volume datalist unchanged or, with ``skip_bad_files``, the items whose files ``volume_transform``
+    (the bundle's loading and preprocessing) takes without error; the others are listed in ``report_path``
+    (CSV ``image,problem``) and a logged warning, so one corrupt volume among many does not lose the rest.
+
+    Checking loads every volume once more, so it happens only when asked: without ``skip_bad_files`` a bad
+    volume stops the run with its one-line error when it is reached.
+
+    Raises:
+        DatasetError: with ``skip_bad_files``, when no item is usable.
+    """
+    items = list(datalist)
+    if not skip_bad_files:
+        return items
+    usable, skipped = [], []
+    for item in items:
+        try:
+            volume_transform(dict(item))
+        except Exception as error:  # any reader, orientation or intensity error makes the volume unusable
+            skipped.append((_item_files(item), first_line(root_cause(error))))
+        else:
+            usable.append(item)
+    report_skipped_files(skipped, len(items), report_path)
+    return usable

@@ -31,6 +31,7 @@ __all__ = [
     "split_train_validation",
     "check_datalist",
     "readable_datalist",
+    "report_skipped_files",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -288,6 +289,17 @@ def readable_datalist(datalist: Sequence[dict], skip_bad_files: bool = False, re
     problems = _problems_per_item(items)
     usable = [item for item, item_problems in zip(items, problems) if not item_problems]
     skipped = [(item.get("image", ""), "; ".join(p)) for item, p in zip(items, problems) if p]
+    report_skipped_files(skipped, len(items), report_path)
+    return usable
+
+
+def report_skipped_files(skipped: Sequence[tuple[str, str]], num_items: int, report_path: str | None = None) -> None:
+    """List the skipped ``(file, problem)`` pairs in ``report_path`` (CSV ``image,problem``, written atomically,
+    also when empty) and in a logged warning.
+
+    Raises:
+        DatasetError: every one of the ``num_items`` items was skipped.
+    """
     if report_path is not None:
         with atomic_path(report_path, suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
@@ -295,11 +307,10 @@ def readable_datalist(datalist: Sequence[dict], skip_bad_files: bool = False, re
             writer.writerows(skipped)
     if skipped:
         logging.getLogger(__name__).warning(
-            f"skipped {len(skipped)} unusable file(s) of {len(items)}" + (f", listed in {report_path}" if report_path else "")
+            f"skipped {len(skipped)} unusable file(s) of {num_items}" + (f", listed in {report_path}" if report_path else "")
         )
-    if not usable:
+    if len(skipped) == num_items:
         raise DatasetError(_join_problems(f"no usable item: {len(skipped)} problem(s) in the datalist", [p for _, p in skipped]))
-    return usable
 
 
 def _join_problems(title: str, problems: list[str]) -> str:

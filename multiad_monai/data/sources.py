@@ -8,15 +8,18 @@ from collections.abc import Sequence
 from multiad_monai.data.demo import make_demo_dataset
 from multiad_monai.data.errors import DatasetError
 from multiad_monai.data.mvtec import IMAGE_EXTENSIONS
+from multiad_monai.data.run_record import chosen_dataset_dir
 
 __all__ = ["resolve_dataset_dir", "synthetic_validation_datalist", "image_folder_datalist", "DEMO_SUBDIR"]
 
 DEMO_SUBDIR = "demo_data"
 
 
-def resolve_dataset_dir(dataset_dir: str | None, output_dir: str) -> str:
-    """``dataset_dir`` as an absolute path, or, when it is empty, the generated demo dataset under
-    ``output_dir/demo_data`` (made on the first call, deterministic)."""
+def resolve_dataset_dir(dataset_dir: str | None, output_dir: str, from_record: bool = False) -> str:
+    """``dataset_dir`` as an absolute path, or the generated demo dataset under ``output_dir/demo_data`` (made on
+    the first call, deterministic) when it is ``"demo"`` or empty; with ``from_record`` an empty ``dataset_dir``
+    means the source recorded by training (see :func:`~multiad_monai.data.run_record.chosen_dataset_dir`)."""
+    dataset_dir = chosen_dataset_dir(dataset_dir, output_dir, from_record)
     if dataset_dir:
         if not os.path.isdir(dataset_dir):
             raise DatasetError(f"dataset folder not found: {dataset_dir}")

@@ -17,9 +17,9 @@ from multiad_monai.engines.utils import to_device
 from multiad_monai.inferers.anomaly_map import image_score
 from multiad_monai.inferers.baselines import BASELINE_MAPS_KEY, BASELINE_SCORES_KEY
 
-__all__ = ["AnomalyEvaluator", "MAP_KEY", "SCORE_KEY", "MASK_KEY", "NAME_KEY"]
+__all__ = ["AnomalyEvaluator", "MAP_KEY", "SCORE_KEY", "MASK_KEY", "NAME_KEY", "THRESHOLD_KEY"]
 
-MAP_KEY, SCORE_KEY, MASK_KEY, NAME_KEY = "anomaly_map", "score", "mask", "name"
+MAP_KEY, SCORE_KEY, MASK_KEY, NAME_KEY, THRESHOLD_KEY = "anomaly_map", "score", "mask", "name", "threshold"
 
 
 def batch_names(batchdata: dict, image_key: str = Keys.IMAGE, name_key: str = NAME_KEY) -> list[str] | None:
@@ -50,7 +50,8 @@ class AnomalyEvaluator(Evaluator):
         val_handlers, amp, decollate: as in :class:`monai.engines.SupervisedEvaluator`.
 
     ``engine.state.output``: ``image``, ``anomaly_map`` ``(B, 1, ...)``, ``score`` ``(B,)``, and ``label``,
-    ``mask``, ``name`` when the batch has them, all on the CPU; with ``baselines`` also ``baseline_maps``
+    ``mask``, ``name`` when the batch has them, all on the CPU; ``threshold`` (float) when the network has
+    one (the saved threshold of a trained MultiAD); with ``baselines`` also ``baseline_maps``
     and ``baseline_scores``: name -> maps ``(B, 1, ...)`` and scores ``(B,)``.
     """
 
@@ -122,6 +123,9 @@ class AnomalyEvaluator(Evaluator):
             maps = engine.inferer(images, engine.network) if engine.inferer is not None else engine.network(images)
             scores = image_score(maps, engine.score_mode, engine.topk_ratio)
         output = {Keys.IMAGE: images.cpu(), MAP_KEY: maps.cpu(), SCORE_KEY: scores.cpu()}
+        threshold = getattr(getattr(engine.network, "module", engine.network), THRESHOLD_KEY, None)
+        if threshold is not None:
+            output[THRESHOLD_KEY] = float(threshold)
         if engine.baselines:
             with torch.inference_mode():
                 baseline_maps = {name: baseline(images).cpu() for name, baseline in engine.baselines.items()}

@@ -12,7 +12,7 @@ from monai.data import MetaTensor, decollate_batch
 from monai.engines.utils import default_metric_cmp_fn
 from monai.utils import CommonKeys as Keys
 
-from multiad_monai.engines.evaluator import MAP_KEY, NAME_KEY, SCORE_KEY, AnomalyEvaluator
+from multiad_monai.engines.evaluator import MAP_KEY, NAME_KEY, SCORE_KEY, THRESHOLD_KEY, AnomalyEvaluator
 from multiad_monai.inferers.baselines import BASELINE_MAPS_KEY, BASELINE_SCORES_KEY
 from multiad_monai.inferers.volume import VolumeAnomalyInferer
 from multiad_monai.inferers.volume_baselines import VolumeBaselineInferer
@@ -20,7 +20,7 @@ from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["VolumeAnomalyEvaluator", "SLICE_SCORES_KEY", "FOREGROUND_KEY", "THRESHOLD_KEY"]
 
-SLICE_SCORES_KEY, FOREGROUND_KEY, THRESHOLD_KEY = "slice_scores", "foreground", "threshold"
+SLICE_SCORES_KEY, FOREGROUND_KEY = "slice_scores", "foreground"
 
 
 def _single_volume(batchdata: Any) -> dict:

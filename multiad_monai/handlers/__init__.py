@@ -5,5 +5,6 @@ from .fusion_fit import FusionFitHandler, fit_learned_fusion
 from .normal_statistics import NormalStatisticsHandler, fit_normal_statistics
 from .volume_writer import VolumeOutputWriter
 from .resume import RandomStates, ResumeHandler
+from .run_record import RunRecordWriter
 from .checkpoint import NetworkCheckpointLoader, load_exported_network, load_network_checkpoint
 from .report import EvaluationReportWriter, TensorBoardOverlayHandler, VolumeEvaluationReportWriter

@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 
 from multiad_monai.atomic import atomic_path
 from multiad_monai.data.errors import CheckpointError, first_line
+from multiad_monai.data.run_record import RESUME_STATE
 
 __all__ = ["ResumeHandler", "RandomStates"]
 
@@ -62,12 +63,22 @@ class ResumeHandler:
             or MONAI ``CheckpointSaver`` / ``EarlyStopHandler`` (their inner ignite state is saved).
         enabled: False turns the handler off (no saving, no loading).
         file_name: name of the state file.
+        fingerprint: hash of what makes the model (see :mod:`multiad_monai.data.run_record`), saved with the
+            state; a state saved with another one is not loaded. None: not checked.
     """
 
-    def __init__(self, save_dir: str, objects: dict[str, Any], enabled: bool = True, file_name: str = "resume.pt") -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        objects: dict[str, Any],
+        enabled: bool = True,
+        file_name: str = RESUME_STATE,
+        fingerprint: str | None = None,
+    ) -> None:
         self.path = os.path.join(save_dir, file_name)
         self.objects = dict(objects)
         self.enabled = enabled
+        self.fingerprint = fingerprint
         self.random_states = RandomStates()
         self.logger = logging.getLogger(__name__)
 
@@ -90,6 +101,7 @@ class ResumeHandler:
         }
         state["random_states"] = self.random_states.state_dict()
         state["completed"] = completed
+        state["fingerprint"] = self.fingerprint
         return state
 
     def save(self, engine: Engine, completed: bool = False) -> None:
@@ -109,6 +121,11 @@ class ResumeHandler:
         missing = sorted(set(self.objects) - set(state))
         if missing:
             raise CheckpointError(f"{self.path}: saved training state lacks {missing}; it is from another configuration.")
+        if self.fingerprint is not None and state.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"{self.path}: saved from other settings or data than this run's (fingerprint differs); "
+                "use another --output_dir, or --set resume=false to start afresh and replace it."
+            )
         saved_epochs = state["trainer"]["max_epochs"]
         if max_epochs is not None and saved_epochs != max_epochs:
             raise CheckpointError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -65,6 +66,9 @@ class AnomalyMapGenerator(nn.Module):
     ``forward(teacher_features, student_features, size)`` returns ``(B, 1, *size)``.
     The statistics are buffers ``normal_mean`` and ``normal_std`` of shape ``(len(levels), *map_size)``
     (``(len(levels), 1, ...)`` until fitted, which leaves maps unchanged), saved with the weights.
+    The smoothing ``sigma`` is saved too (MONAI's ``GaussianFilter`` keeps it as a parameter) and a loaded
+    checkpoint's value wins, since the saved threshold was set on maps of that smoothing; a configured
+    ``sigma`` that differs is logged as a warning, not silently dropped.
     """
 
     def __init__(
@@ -139,12 +143,19 @@ class AnomalyMapGenerator(nn.Module):
         self.normal_mean = mean.detach().to(device=device, dtype=torch.float32).clone()
         self.normal_std = std.detach().to(device=device, dtype=torch.float32).clone()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # fitted statistics have the map's size, unknown at construction: take the saved shape
         for name in ("normal_mean", "normal_std"):
             saved = state_dict.get(prefix + name)
             if name in self._buffers and saved is not None and saved.shape != self._buffers[name].shape:
                 self._buffers[name] = torch.empty_like(self._buffers[name]).resize_(saved.shape)
+        saved = state_dict.get(prefix + "smooth.kernel_sigma_0")
+        configured = getattr(self.smooth, "sigma", None)
+        if saved is not None and configured is not None and float(saved) != float(configured[0]):
+            logging.getLogger(__name__).warning(
+                f"the checkpoint's map smoothing sigma {float(saved):g} is used, not the configured "
+                f"{float(configured[0]):g}: its saved threshold was set on maps of that smoothing."
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fuse(self, level_maps: torch.Tensor) -> torch.Tensor:

@@ -48,24 +48,26 @@ def _split_batch(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     for name, array in (("anomaly_map", maps), ("mask", masks)):
         if array is not None and array.shape[0] != scores.size:
             raise ValueError(f"batch has {scores.size} scores but {name} has shape {array.shape}.")
+    threshold = batch.get("threshold")
     return [
         {
             "score": scores[i],
             "label": labels[i],
             "anomaly_map": None if maps is None else maps[i],
             "mask": None if masks is None else masks[i],
+            "threshold": threshold,
         }
         for i in range(scores.size)
     ]
 
 
 def default_output_transform(output: Any) -> list[dict[str, Any]]:
-    """Per-sample dicts {score, label, anomaly_map, mask} (numpy or None) from an engine output.
+    """Per-sample dicts {score, label, anomaly_map, mask, threshold} (numpy, float or None) from an engine output.
 
     Accepts MONAI's decollated output (a list of per-sample dicts), a dict of batched values
     ``score`` (B,), ``label`` (B,), ``anomaly_map`` (B,1,H,W[,D]), ``mask`` (B,1,H,W[,D]), or a
     tuple ``(score, label[, anomaly_map[, mask]])`` of batched values. Missing keys and None
-    values mean "not available".
+    values mean "not available"; ``threshold`` is the network's saved threshold (one float per batch).
     """
     if isinstance(output, Mapping):
         return _split_batch(output)
@@ -77,6 +79,7 @@ def default_output_transform(output: Any) -> list[dict[str, Any]]:
                     "label": F.to_numpy(item["label"]).reshape(-1),
                     "anomaly_map": _optional_numpy(item.get("anomaly_map")),
                     "mask": _optional_numpy(item.get("mask")),
+                    "threshold": item.get("threshold"),
                 }
                 for item in output
             ]
@@ -143,8 +146,10 @@ class AnomalyDetectionMetrics(Metric):
             :func:`default_output_transform`, the default).
         metrics: which of :data:`METRIC_NAMES` to compute. ``"f1_max"`` gives
             ``image_f1_max``/``image_f1_threshold`` and, with masks, ``pixel_f1_max``/
-            ``pixel_f1_threshold``; ``"dice"`` is the pooled Dice at the pixel F1-optimal threshold
-            (equal to ``pixel_f1_max`` by definition: Dice is F1 on pixels).
+            ``pixel_f1_threshold`` (the best F1 over thresholds chosen on the test maps themselves: an
+            oracle upper bound); ``"dice"`` is the pooled Dice of ``map >= threshold`` at the network's
+            saved threshold (the ``threshold`` of the output), the mask a user gets; left out when the
+            output carries no finite threshold.
         fpr_limit: integration limit of the AUPRO.
         map_dtype: storage dtype of anomaly maps, ``"float32"`` or ``"float16"`` (half the memory;
             ties from rounding change pixel metrics slightly, values above 65504 overflow).
@@ -202,6 +207,7 @@ class AnomalyDetectionMetrics(Metric):
         self._num_explicit_masks = 0
         self._num_without_pixel_data = 0
         self._warned_float16_overflow = False
+        self._threshold = float("nan")
 
     def iteration_completed(self, engine: Engine) -> None:
         # Ignite's default turns a dict output into a tuple of required keys and may unroll
@@ -222,6 +228,8 @@ class AnomalyDetectionMetrics(Metric):
         self._scores.append(score)
         self._labels.append(int(label))
         self._num_samples += 1
+        if sample.get("threshold") is not None:
+            self._threshold = _scalar(sample["threshold"], "threshold")
         if not self._stores_maps:
             return
         anomaly_map, mask = sample.get("anomaly_map"), sample.get("mask")
@@ -303,6 +311,14 @@ class AnomalyDetectionMetrics(Metric):
                 results.update(self._pixel_results(wanted))
         return {self.result_prefix + key: value for key, value in results.items()}
 
+    def _dice_at_saved_threshold(self, sorted_scores: F.SortedScores) -> float:
+        # ranks without samples hold NaN; the network, and so its threshold, is the same on every rank
+        thresholds = all_gather_array(np.asarray([self._threshold], dtype=np.float64))
+        thresholds = thresholds[np.isfinite(thresholds)]
+        if not thresholds.size:
+            raise ValueError("the output carries no saved threshold (an untrained network?)")
+        return F.dice_from_sorted(sorted_scores, float(thresholds[0]))
+
     def _pixel_results(self, wanted: set[str]) -> dict[str, float]:
         results: dict[str, float] = {}
         sorted_scores = F.sorted_scores_from_samples(self._gathered_pixel_samples(), with_regions="aupro" in wanted)
@@ -317,6 +333,6 @@ class AnomalyDetectionMetrics(Metric):
             self._try(best, ["pixel_f1_max", "pixel_f1_threshold"], lambda: F.f1_max_from_sorted(sorted_scores))
             if "f1_max" in wanted:
                 results.update(best)
-            if "dice" in wanted and best:
-                results["dice"] = F.dice_from_sorted(sorted_scores, best["pixel_f1_threshold"])
+            if "dice" in wanted:
+                self._try(results, ["dice"], lambda: self._dice_at_saved_threshold(sorted_scores))
         return results

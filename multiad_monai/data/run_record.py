@@ -1,0 +1,216 @@
+"""The record of a training run (``run.json`` in its output folder): what made the model, where its data came
+from and, for volumes, which patients it was trained and tested on.
+
+Training checks the record before any work, so a rerun into a folder holding another run stops instead of
+serving the old model; evaluation and inference read it, so they use the training's data source and patient
+split unless told otherwise. The file and key names live here, below engines and handlers, which both use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from multiad_monai.atomic import atomic_path
+from multiad_monai.data.errors import CheckpointError, DatasetError
+
+__all__ = [
+    "RUN_RECORD",
+    "RESUME_STATE",
+    "MODEL_FILE",
+    "DEMO_SOURCE",
+    "training_files",
+    "training_fingerprint",
+    "fingerprint_difference",
+    "read_run_record",
+    "write_run_record",
+    "check_training_run",
+    "chosen_dataset_dir",
+    "recorded_case_split",
+]
+
+RUN_RECORD = "run.json"
+RESUME_STATE = "resume.pt"
+MODEL_FILE = "model.pt"
+# ``dataset_dir`` value naming the generated demo data explicitly (a folder called "demo" is "./demo")
+DEMO_SOURCE = "demo"
+
+_WAYS_OUT = "use another --output_dir, or --set resume=false to start afresh and replace it"
+_FILE_KEYS = ("image", "label", "mask", "foreground")
+logger = logging.getLogger(__name__)
+
+
+def training_files(datalist: Sequence[Mapping], root: str) -> dict[str, list[int]]:
+    """The files of ``datalist`` (image, label, mask, foreground; several modalities included) as
+    ``{path relative to root: [size in bytes, modification time in ns]}``: cheap to take, and a changed,
+    replaced, added or removed file changes it."""
+    files = {}
+    for item in datalist:
+        for key in _FILE_KEYS:
+            paths = item.get(key)
+            for path in [paths] if isinstance(paths, str) else (paths or []):
+                if isinstance(path, str) and os.path.exists(path):
+                    info = os.stat(path)
+                    files[os.path.relpath(os.path.abspath(path), root)] = [info.st_size, info.st_mtime_ns]
+    return dict(sorted(files.items()))
+
+
+def training_fingerprint(settings: Mapping[str, Any], files: Mapping[str, list[int]]) -> dict[str, Any]:
+    """``{"hash", "settings", "files"}``: the training-relevant config values and the training files, and one
+    hash of both (JSON with sorted keys, so it does not depend on order)."""
+    settings = json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
+    text = json.dumps({"settings": settings, "files": files}, sort_keys=True)
+    return {"hash": hashlib.sha256(text.encode()).hexdigest(), "settings": settings, "files": dict(files)}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def fingerprint_difference(saved: Mapping[str, Any], current: Mapping[str, Any], max_files: int = 3) -> str:
+    """One line naming the settings (saved -> now) and files (changed, new, gone) that differ."""
+    parts = []
+    old, new = saved.get("settings", {}), current.get("settings", {})
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            parts.append(f"{key} {_short(old.get(key, '<unset>'))} -> {_short(new.get(key, '<unset>'))}")
+    old_files, new_files = saved.get("files", {}), current.get("files", {})
+    for label, names in (
+        ("changed", [n for n in sorted(set(old_files) & set(new_files)) if list(old_files[n]) != list(new_files[n])]),
+        ("new", sorted(set(new_files) - set(old_files))),
+        ("gone", sorted(set(old_files) - set(new_files))),
+    ):
+        if names:
+            more = f" and {len(names) - max_files} more" if len(names) > max_files else ""
+            parts.append(f"{len(names)} training file(s) {label} ({', '.join(names[:max_files])}{more})")
+    return "; ".join(parts) or "the fingerprint differs"
+
+
+def read_run_record(output_dir: str) -> dict[str, Any] | None:
+    """The record in ``output_dir``, or None when there is none."""
+    path = os.path.join(output_dir, RUN_RECORD)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot read the run record ({error}); {_WAYS_OUT}.") from error
+
+
+def write_run_record(output_dir: str, record: Mapping[str, Any]) -> None:
+    """Write ``run.json`` atomically."""
+    with atomic_path(os.path.join(output_dir, RUN_RECORD), suffix=".json") as tmp:
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+def check_training_run(
+    output_dir: str,
+    dataset_dir: str | None,
+    data_root: str,
+    settings: Mapping[str, Any],
+    datalist: Sequence[Mapping],
+    resume: bool = True,
+    split: Sequence[Sequence[Mapping]] | None = None,
+) -> dict[str, Any]:
+    """The record of the training run about to start in ``output_dir``; reads only, before any work.
+
+    Args:
+        output_dir: the training output folder.
+        dataset_dir: the ``dataset_dir`` setting (empty or :data:`DEMO_SOURCE`: the generated demo data).
+        data_root: the resolved dataset folder the datalist's files are under.
+        settings: config values that change training (each bundle's ``training_settings``).
+        datalist: the training items; their files are fingerprinted.
+        resume: False: the run starts afresh and will replace what the folder holds.
+        split: for volumes, (training cases, test cases) as case items with ``name``.
+
+    Raises:
+        CheckpointError: ``resume`` is True and the folder holds a run of another fingerprint, or a model or
+            training state without a record; the one-line message names what differs and the ways out.
+    """
+    source = DEMO_SOURCE if not dataset_dir or dataset_dir == DEMO_SOURCE else os.path.abspath(dataset_dir)
+    fingerprint = training_fingerprint({**settings, "dataset_dir": source}, training_files(datalist, data_root))
+    record: dict[str, Any] = {"dataset_dir": source, "fingerprint": fingerprint}
+    if split is not None:
+        record["split"] = {"train": [item["name"] for item in split[0]], "test": [item["name"] for item in split[1]]}
+    if not resume:
+        return record
+    saved = read_run_record(output_dir)
+    if saved is None:
+        leftovers = [name for name in (RESUME_STATE, MODEL_FILE) if os.path.isfile(os.path.join(output_dir, name))]
+        if leftovers:
+            raise CheckpointError(
+                f"{output_dir} holds {' and '.join(leftovers)} but no {RUN_RECORD}, so it cannot be told whether "
+                f"they come from these settings; {_WAYS_OUT}."
+            )
+    elif saved.get("fingerprint", {}).get("hash") != fingerprint["hash"]:
+        difference = fingerprint_difference(saved.get("fingerprint", {}), fingerprint)
+        raise CheckpointError(f"{output_dir} holds a training run of other settings or data ({difference}); {_WAYS_OUT}.")
+    return record
+
+
+def chosen_dataset_dir(dataset_dir: str | None, output_dir: str, from_record: bool = False) -> str | None:
+    """The dataset folder to read, or None for the generated demo data.
+
+    ``dataset_dir`` given: that folder (:data:`DEMO_SOURCE`: the demo data). Empty: the demo data for training
+    (``from_record`` False); for evaluation and inference (``from_record`` True) the source the training run
+    recorded in ``output_dir``, so a model trained on a folder is never scored on generated images unless asked.
+
+    Raises:
+        DatasetError: empty ``dataset_dir`` with ``from_record`` and no record in ``output_dir``.
+    """
+    if dataset_dir == DEMO_SOURCE:
+        return None
+    if dataset_dir:
+        return dataset_dir
+    if not from_record:
+        return None
+    record = read_run_record(output_dir)
+    if record is None:
+        raise DatasetError(
+            f"no {RUN_RECORD} in {output_dir}, so the training data is unknown; give --dataset_dir FOLDER "
+            f"(or --dataset_dir {DEMO_SOURCE} for the generated demo data)."
+        )
+    source = record["dataset_dir"]
+    if source != DEMO_SOURCE:
+        logger.info(f"dataset: {source} (recorded by training in {os.path.join(output_dir, RUN_RECORD)})")
+    return None if source == DEMO_SOURCE else source
+
+
+def recorded_case_split(
+    cases: Sequence[dict], test_cases: Sequence[str] | None, output_dir: str
+) -> tuple[list[dict], list[dict]]:
+    """(training cases, test cases) for evaluating the model in ``output_dir``: the split its training recorded
+    or, with ``test_cases`` given, those cases after checking that none was used in training.
+
+    Raises:
+        DatasetError: no recorded split, a named test case that the model was trained on, or a recorded case
+            missing from ``cases``.
+    """
+    record = read_run_record(output_dir) or {}
+    split = record.get("split")
+    if split is None:
+        raise DatasetError(
+            f"no patient split recorded in {os.path.join(output_dir, RUN_RECORD)}: evaluate in the output folder "
+            "of a training run, so the model is not tested on the patients it was trained on."
+        )
+    trained = [name for name in (test_cases or []) if name in set(split["train"])]
+    if trained:
+        raise DatasetError(
+            f"test case(s) {trained} were used to train the model in {output_dir} (see {RUN_RECORD}); "
+            f"choose among its test cases {split['test']}."
+        )
+    names = {item["name"] for item in cases}
+    wanted = list(test_cases) if test_cases is not None else split["test"]
+    missing = sorted(set(wanted) - names)
+    if missing:
+        raise DatasetError(f"test case(s) {missing} not found among the cases of the dataset ({sorted(names)}).")
+    train = [item for item in cases if item["name"] in set(split["train"])]
+    test = [item for item in cases if item["name"] in set(wanted)]
+    return train, test

@@ -1,0 +1,116 @@
+"""Choose map settings on validation data only: score map variants of trained medical folds on their
+validation slices (held-out lesion-free slices of the training patients with lesion-like synthetic
+anomalies inside the organ), never on the test patients.
+
+    python scripts/map_variants.py --dataset_dir ../shared/data/brats2015 --output_dir runs/rot_default
+
+For every fold folder of ``scripts/rotation_study.py`` (``OUTPUT_DIR/<test case>`` with ``model.pt`` and
+``run.json``), the fold's own validation slices are rebuilt from its training config, and each variant
+(settings that change the map of a trained model, not the training: level weights, smoothing, test-time
+flip, the slice score) is scored by pixel AUROC inside the organ and slice AUROC. These are threshold-free: the saved
+threshold belongs to the default map, so a variant's Dice needs its threshold refitted. Prints one Markdown row per variant
+(mean over folds, and per fold) and writes ``OUTPUT_DIR/map_variants.json``; the variant with the best
+mean validation pixel AUROC is named, to be measured on the test patients afterwards with
+``multiad evaluate --set ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.networks.layers import GaussianFilter
+
+from multiad_monai.apps.cli import bundle_configs
+from multiad_monai.data import read_run_record
+from multiad_monai.handlers import load_network_checkpoint
+from multiad_monai.inferers.anomaly_map import image_score
+from multiad_monai.metrics import image_auroc, pixel_auroc
+
+BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "multiad_medical")
+VARIANTS = {
+    "default (mean of 4 levels, sigma 4)": {},
+    "level weights 2:2:1:1 (finer)": {"level_weights": [2, 2, 1, 1]},
+    "level weights 1:1:0:0 (stride 4-8 only)": {"level_weights": [1, 1, 0, 0]},
+    "level weights 0:0:1:1 (stride 16-32 only)": {"level_weights": [0, 0, 1, 1]},
+    "sigma 2": {"map_sigma": 2.0},
+    "sigma 8": {"map_sigma": 8.0},
+    "test-time flip": {"test_time_flip": True},
+    "slice score: mean of the top 1% (not the maximum)": {"score_mode": "topk"},
+}
+
+
+def fold_parser(fold_dir: str, dataset_dir: str, test_cases: list[str], overrides: list[str]) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(BUNDLE, "training", overrides))
+    parser.read_meta(os.path.join(BUNDLE, "configs", "metadata.json"))
+    parser.update({"bundle_root": BUNDLE, "dataset_dir": dataset_dir, "output_dir": fold_dir, "test_cases": test_cases})
+    return parser
+
+
+@torch.inference_mode()
+def validation_scores(network: torch.nn.Module, loader, score_mode: str) -> dict[str, float]:
+    """Pixel AUROC inside the organ and slice AUROC of ``network`` on the validation loader."""
+    network.eval()
+    inside_maps, inside_masks, scores, labels = [], [], [], []
+    for batch in loader:
+        maps = network(batch["image"])
+        scores.append(image_score(maps, score_mode).reshape(-1))
+        labels.append(torch.as_tensor(batch["label"]).reshape(-1))
+        foreground = batch["foreground"] > 0 if "foreground" in batch else torch.ones_like(maps, dtype=torch.bool)
+        inside_maps.append(maps[foreground].numpy())
+        inside_masks.append(batch["mask"][foreground].numpy() > 0)
+    return {
+        "pixel_auroc_in_organ": pixel_auroc(np.concatenate(inside_maps), np.concatenate(inside_masks)),
+        "slice_auroc": image_auroc(torch.cat(scores).numpy(), torch.cat(labels).numpy()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset_dir", required=True)
+    parser.add_argument("--output_dir", required=True, help="folder of the rotation's fold folders")
+    parser.add_argument("--override", action="append", default=[])
+    args = parser.parse_args()
+    dataset_dir = os.path.abspath(args.dataset_dir)
+    folds = sorted(
+        name for name in os.listdir(args.output_dir) if os.path.isfile(os.path.join(args.output_dir, name, "model.pt"))
+    )
+    results: dict[str, dict[str, dict[str, float]]] = {variant: {} for variant in VARIANTS}
+    for fold in folds:
+        fold_dir = os.path.abspath(os.path.join(args.output_dir, fold))
+        record = read_run_record(fold_dir)
+        config = fold_parser(fold_dir, dataset_dir, record["split"]["test"], args.override)
+        loader = torch.utils.data.DataLoader(config.get_parsed_content("validate#dataset"), batch_size=16)
+        print(f"{fold}: {len(loader.dataset)} validation slices", flush=True)
+        defaults = {key: config[key] for settings in VARIANTS.values() for key in settings}
+        for variant, settings in VARIANTS.items():
+            config.update({**defaults, **settings})
+            network = config.get_parsed_content("network_def", lazy=False)
+            load_network_checkpoint(os.path.join(fold_dir, "model.pt"), network)
+            if "map_sigma" in settings:  # the checkpoint's sigma was loaded with the weights
+                network.map_generator.smooth = GaussianFilter(2, settings["map_sigma"])
+            results[variant][fold] = validation_scores(network, loader, config["score_mode"])
+            print(f"  {variant}: {results[variant][fold]}", flush=True)
+
+    lines = ["| variant | validation pixel AUROC in organ (mean) | validation slice AUROC (mean) | per fold (pixel / slice) |", "|---|---|---|---|"]
+    means = {}
+    for variant, per_fold in results.items():
+        means[variant] = statistics.fmean(v["pixel_auroc_in_organ"] for v in per_fold.values())
+        slice_mean = statistics.fmean(v["slice_auroc"] for v in per_fold.values())
+        cells = ", ".join(f"{fold} {100 * v['pixel_auroc_in_organ']:.1f} / {100 * v['slice_auroc']:.1f}" for fold, v in per_fold.items())
+        lines.append(f"| {variant} | {100 * means[variant]:.1f} | {100 * slice_mean:.1f} | {cells} |")
+    best = max(means, key=means.get)
+    print("\n".join(lines))
+    print(f"best on validation: {best} {VARIANTS[best]}")
+    with open(os.path.join(args.output_dir, "map_variants.json"), "w") as f:
+        json.dump({"variants": VARIANTS, "results": results, "best": best}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Trustworthy runs through ``multiad``: a rerun never serves a stale model, evaluation and inference never
+swap the data silently, and a patient split is fixed once by training (``run.json``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+
+from multiad_monai.apps.cli import main
+from multiad_monai.data import make_demo_volumes
+
+TINY = ["--set", "image_size=64", "--set", "min_epoch_length=2", "--set", "val_interval=1", "--set", "num_epochs=1"]
+
+
+def last_error(capsys) -> str:
+    """The CLI's one error line (loggers of earlier tests may still write to closed capture streams)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("multiad: error:")
+    return err[-1]
+
+
+def test_rerun_with_other_settings_or_data_stops_and_resume_false_replaces(tiny_demo_dataset, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_demo_dataset, data)
+    output = tmp_path / "run"
+    common = ["train", "--dataset_dir", str(data), "--output_dir", str(output), *TINY]
+    assert main(common) == 0
+    model, record = (output / "model.pt").read_bytes(), (output / "run.json").read_text()
+    assert json.loads(record)["dataset_dir"] == str(data)
+    capsys.readouterr()
+
+    # another learning rate: one line naming the key and both ways out, nothing touched
+    assert main([*common, "--set", "learning_rate=0.01"]) == 2
+    error = last_error(capsys)
+    assert "learning_rate 0.001 -> 0.01" in error
+    assert "--output_dir" in error and "resume=false" in error
+    assert (output / "model.pt").read_bytes() == model and (output / "run.json").read_text() == record
+
+    # the same settings on changed training data: the file is named
+    changed = sorted((data / "train" / "good").iterdir())[0]
+    changed.write_bytes(sorted((data / "train" / "good").iterdir())[1].read_bytes())
+    assert main(common) == 2
+    error = last_error(capsys)
+    assert "1 training file(s) changed" in error and changed.name in error
+    assert (output / "model.pt").read_bytes() == model
+
+    # resume=false starts afresh and replaces the run, record included
+    assert main([*common, "--set", "learning_rate=0.01", "--set", "resume=false"]) == 0
+    assert json.loads((output / "run.json").read_text())["fingerprint"]["settings"]["learning_rate"] == 0.01
+    assert (output / "model.pt").read_bytes() != model
+
+
+def test_evaluation_uses_the_recorded_data_and_never_generated_images(tiny_demo_dataset, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(["train", "--dataset_dir", tiny_demo_dataset, "--output_dir", str(output), *TINY]) == 0
+    assert main(["evaluate", "--output_dir", str(output), "--set", "image_size=64"]) == 0  # no --dataset_dir
+    rows = list(csv.DictReader(open(output / "eval" / "scores.csv")))
+    test_images = [name for _, _, names in os.walk(os.path.join(tiny_demo_dataset, "test")) for name in names]
+    assert len(rows) == len(test_images) == 10 and not (output / "demo_data").exists()
+
+    # a folder with a model but no record: the data source is unknown, so nothing is guessed
+    os.remove(output / "run.json")
+    shutil.rmtree(output / "eval")
+    capsys.readouterr()
+    assert main(["evaluate", "--output_dir", str(output), "--set", "image_size=64"]) == 2
+    error = last_error(capsys)
+    assert "run.json" in error and "--dataset_dir" in error
+    assert not (output / "eval").exists() and not (output / "demo_data").exists()
+    # nor is a model of unknown origin resumed or served by a rerun of training
+    model = (output / "model.pt").read_bytes()
+    assert main(["train", "--dataset_dir", tiny_demo_dataset, "--output_dir", str(output), *TINY]) == 2
+    assert "but no run.json" in last_error(capsys) and (output / "model.pt").read_bytes() == model
+
+
+def test_volume_evaluation_keeps_the_training_split(tmp_path, capsys):
+    cases = make_demo_volumes(str(tmp_path / "cases"), num_cases=4, shape=(32, 32, 16))
+    output = tmp_path / "run"
+    common = ["--bundle_root", "multiad_medical", "--dataset_dir", cases, "--output_dir", str(output), "--set", "image_size=64"]
+    assert main(["train", *common, *TINY[2:], "--set", "test_fraction=0.5", "--set", "seed=0"]) == 0
+    split = json.loads((output / "run.json").read_text())["split"]
+    assert len(split["test"]) == 2 and set(split["train"]).isdisjoint(split["test"])
+
+    # other split arguments at evaluation do not move training patients into the test set
+    assert main(["evaluate", *common, "--set", "test_fraction=0.75", "--set", "seed=7"]) == 0
+    metrics = json.loads((output / "eval" / "metrics.json").read_text())
+    assert metrics["test_cases"] == split["test"] and metrics["training_cases"] == split["train"]
+
+    # naming a training patient as a test case is refused, and the earlier evaluation stays
+    before = (output / "eval" / "metrics.json").read_text()
+    capsys.readouterr()
+    trained = split["train"][0]
+    assert main(["evaluate", *common, "--set", f'test_cases=["{trained}"]']) == 2
+    error = last_error(capsys)
+    assert trained in error and "used to train" in error
+    assert (output / "eval" / "metrics.json").read_text() == before
+
+    # without the record the split is unknown: refused, not recomputed
+    os.remove(output / "run.json")
+    assert main(["evaluate", *common]) == 2
+    assert "no patient split recorded" in last_error(capsys)
+    assert (output / "eval" / "metrics.json").read_text() == before
+
+
+def test_one_bad_volume_does_not_lose_the_others(tmp_path, capsys):
+    cases = make_demo_volumes(str(tmp_path / "cases"), num_cases=4, shape=(32, 32, 16))
+    output = tmp_path / "run"
+    common = ["--bundle_root", "multiad_medical", "--dataset_dir", cases, "--output_dir", str(output), "--set", "image_size=64"]
+    assert main(["train", *common, *TINY[2:], "--set", 'test_cases=["case002","case003"]']) == 0
+    broken = os.path.join(cases, "case003", "flair.nii.gz")
+    with open(broken, "r+b") as f:
+        f.truncate(200)  # a cut-off download
+    capsys.readouterr()
+    assert main(["evaluate", *common]) == 2
+    assert "case003" in last_error(capsys)
+    assert main(["evaluate", *common, "--set", "skip_bad_files=true"]) == 0
+    metrics = json.loads((output / "eval" / "metrics.json").read_text())
+    assert metrics["test_cases"] == ["case002"]
+    skipped = list(csv.DictReader(open(output / "eval" / "skipped_files.csv")))
+    assert [row["image"] for row in skipped] == [broken] and skipped[0]["problem"]
+
+    # inference on a folder of scans: the readable ones get their maps
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for case in ("case002", "case003"):
+        shutil.copy(os.path.join(cases, case, "flair.nii.gz"), folder / f"{case}.nii.gz")
+    infer = ["infer", *common, "--set", f"input_path={folder}"]
+    assert main(infer) == 2 and "case003.nii.gz" in last_error(capsys)
+    assert main([*infer, "--set", "skip_bad_files=true"]) == 0
+    assert (output / "inference" / "case002_anomaly_map.nii.gz").is_file()
+    assert not (output / "inference" / "case003_anomaly_map.nii.gz").exists()
+    assert "case003.nii.gz" in (output / "inference" / "skipped_files.csv").read_text()
