@@ -11,7 +11,7 @@ import torch
 from multiad_monai.data.demo_volumes import make_demo_volumes
 from multiad_monai.data.errors import DatasetError, first_line, root_cause
 from multiad_monai.data.mvtec import report_skipped_files
-from multiad_monai.data.run_record import chosen_dataset_dir
+from multiad_monai.data.run_record import chosen_dataset_dir, item_paths
 
 __all__ = [
     "case_folder_datalist",
@@ -223,12 +223,6 @@ def volume_inference_datalist(
     return case_folder_datalist(root, image=image, label=None, foreground=foreground)
 
 
-def _item_files(item: dict) -> str:
-    image = item.get("image", "")
-    files = list(image.values()) if isinstance(image, dict) else [image] if isinstance(image, str) else list(image)
-    return ";".join(str(f) for f in files)
-
-
 def readable_volume_datalist(
     datalist: Sequence[dict],
     volume_transform: Callable[[dict], dict],
@@ -253,7 +247,7 @@ def readable_volume_datalist(
         try:
             volume_transform(dict(item))
         except Exception as error:  # any reader, orientation or intensity error makes the volume unusable
-            skipped.append((_item_files(item), first_line(root_cause(error))))
+            skipped.append((";".join(item_paths(item)), first_line(root_cause(error))))
         else:
             usable.append(item)
     report_skipped_files(skipped, len(items), report_path)

@@ -23,6 +23,8 @@ __all__ = [
     "RESUME_STATE",
     "MODEL_FILE",
     "DEMO_SOURCE",
+    "RERUN_WAYS_OUT",
+    "item_paths",
     "training_files",
     "training_fingerprint",
     "fingerprint_difference",
@@ -39,9 +41,19 @@ MODEL_FILE = "model.pt"
 # ``dataset_dir`` value naming the generated demo data explicitly (a folder called "demo" is "./demo")
 DEMO_SOURCE = "demo"
 
-_WAYS_OUT = "use another --output_dir, or --set resume=false to start afresh and replace it"
+# the two ways out of a folder that holds another run, shared by every error that refuses one
+RERUN_WAYS_OUT = "use another --output_dir, or --set resume=false to start afresh and replace it"
 _FILE_KEYS = ("image", "label", "mask", "foreground")
 logger = logging.getLogger(__name__)
+
+
+def item_paths(item: Mapping, keys: Sequence[str] = ("image",)) -> list[str]:
+    """The file paths under ``keys`` of a datalist item, a key holding one path or a list of them (modalities)."""
+    paths = []
+    for key in keys:
+        value = item.get(key)
+        paths += [value] if isinstance(value, str) else [path for path in value or [] if isinstance(path, str)]
+    return paths
 
 
 def training_files(datalist: Sequence[Mapping], root: str) -> dict[str, list[int]]:
@@ -50,12 +62,10 @@ def training_files(datalist: Sequence[Mapping], root: str) -> dict[str, list[int
     replaced, added or removed file changes it."""
     files = {}
     for item in datalist:
-        for key in _FILE_KEYS:
-            paths = item.get(key)
-            for path in [paths] if isinstance(paths, str) else (paths or []):
-                if isinstance(path, str) and os.path.exists(path):
-                    info = os.stat(path)
-                    files[os.path.relpath(os.path.abspath(path), root)] = [info.st_size, info.st_mtime_ns]
+        for path in item_paths(item, _FILE_KEYS):
+            if os.path.exists(path):
+                info = os.stat(path)
+                files[os.path.relpath(os.path.abspath(path), root)] = [info.st_size, info.st_mtime_ns]
     return dict(sorted(files.items()))
 
 
@@ -100,7 +110,7 @@ def read_run_record(output_dir: str) -> dict[str, Any] | None:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: cannot read the run record ({error}); {_WAYS_OUT}.") from error
+        raise CheckpointError(f"{path}: cannot read the run record ({error}); {RERUN_WAYS_OUT}.") from error
 
 
 def write_run_record(output_dir: str, record: Mapping[str, Any]) -> None:
@@ -147,11 +157,11 @@ def check_training_run(
         if leftovers:
             raise CheckpointError(
                 f"{output_dir} holds {' and '.join(leftovers)} but no {RUN_RECORD}, so it cannot be told whether "
-                f"they come from these settings; {_WAYS_OUT}."
+                f"they come from these settings; {RERUN_WAYS_OUT}."
             )
     elif saved.get("fingerprint", {}).get("hash") != fingerprint["hash"]:
         difference = fingerprint_difference(saved.get("fingerprint", {}), fingerprint)
-        raise CheckpointError(f"{output_dir} holds a training run of other settings or data ({difference}); {_WAYS_OUT}.")
+        raise CheckpointError(f"{output_dir} holds a training run of other settings or data ({difference}); {RERUN_WAYS_OUT}.")
     return record
 
 
@@ -200,17 +210,16 @@ def recorded_case_split(
             f"no patient split recorded in {os.path.join(output_dir, RUN_RECORD)}: evaluate in the output folder "
             "of a training run, so the model is not tested on the patients it was trained on."
         )
-    trained = [name for name in (test_cases or []) if name in set(split["train"])]
+    trained_cases = set(split["train"])
+    trained = [name for name in (test_cases or []) if name in trained_cases]
     if trained:
         raise DatasetError(
             f"test case(s) {trained} were used to train the model in {output_dir} (see {RUN_RECORD}); "
             f"choose among its test cases {split['test']}."
         )
     names = {item["name"] for item in cases}
-    wanted = list(test_cases) if test_cases is not None else split["test"]
-    missing = sorted(set(wanted) - names)
+    wanted = set(test_cases) if test_cases is not None else set(split["test"])
+    missing = sorted(wanted - names)
     if missing:
         raise DatasetError(f"test case(s) {missing} not found among the cases of the dataset ({sorted(names)}).")
-    train = [item for item in cases if item["name"] in set(split["train"])]
-    test = [item for item in cases if item["name"] in set(wanted)]
-    return train, test
+    return [item for item in cases if item["name"] in trained_cases], [item for item in cases if item["name"] in wanted]

@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 
 from multiad_monai.atomic import atomic_path
 from multiad_monai.data.errors import CheckpointError, first_line
-from multiad_monai.data.run_record import RESUME_STATE
+from multiad_monai.data.run_record import RERUN_WAYS_OUT, RESUME_STATE
 
 __all__ = ["ResumeHandler", "RandomStates"]
 
@@ -123,8 +123,7 @@ class ResumeHandler:
             raise CheckpointError(f"{self.path}: saved training state lacks {missing}; it is from another configuration.")
         if self.fingerprint is not None and state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(
-                f"{self.path}: saved from other settings or data than this run's (fingerprint differs); "
-                "use another --output_dir, or --set resume=false to start afresh and replace it."
+                f"{self.path}: saved from other settings or data than this run's (fingerprint differs); {RERUN_WAYS_OUT}."
             )
         saved_epochs = state["trainer"]["max_epochs"]
         if max_epochs is not None and saved_epochs != max_epochs:
