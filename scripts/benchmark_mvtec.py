@@ -38,7 +38,7 @@ def parser_for(bundle_root: str, workflow: str, overrides: list[str], values: di
 
 
 def load_network(bundle_root, overrides, values):
-    parser = parser_for(bundle_root, "evaluating", overrides, values)
+    parser = parser_for(bundle_root, "evaluate", overrides, values)
     network = parser.get_parsed_content("network")
     state = torch.load(parser.get_parsed_content("ckpt_path"), map_location="cpu", weights_only=True)
     network.load_state_dict(state)
@@ -99,11 +99,11 @@ def main() -> None:
 
     if not args.skip_train:
         start = time.perf_counter()
-        run_bundle(args.bundle_root, "training", args.override, **values)
+        run_bundle(args.bundle_root, "train", args.override, **values)
         report["train_seconds"] = round(time.perf_counter() - start, 1)
         report["train_peak_rss_mb"] = round(peak_rss_mb(), 1)
     start = time.perf_counter()
-    run_bundle(args.bundle_root, "evaluating", args.override, **values)
+    run_bundle(args.bundle_root, "evaluate", args.override, **values)
     report["evaluate_seconds"] = round(time.perf_counter() - start, 1)
     with open(os.path.join(values["output_dir"], "eval", "metrics.json")) as f:
         report["test_metrics"] = json.load(f)["metrics"]
@@ -118,7 +118,7 @@ def main() -> None:
         _write_report(report, values["output_dir"])
         return
     # fusion/smoothing variants: chosen on the validation set (held-out normals + synthetic defects)
-    train_parser = parser_for(args.bundle_root, "training", args.override, values)
+    train_parser = parser_for(args.bundle_root, "train", args.override, values)
     validation = level_maps_of(network, train_parser.get_parsed_content("validate#dataset"))
     test = level_maps_of(network, eval_parser.get_parsed_content("dataset"))
     variants = []

@@ -39,7 +39,7 @@ def inference_settings(items: list[str], overrides: list[str]) -> list[str]:
     """The ``--set`` items the inference workflow defines; training-only keys (e.g. ``augment``) are left out,
     as ``multiad infer`` refuses keys it does not know."""
     parser = ConfigParser()
-    parser.read_config(bundle_configs(BUNDLE, "inferring", overrides))
+    parser.read_config(bundle_configs(BUNDLE, "infer", overrides))
     return [item for item in items if defines_key(parser, item.split("=", 1)[0])]
 
 
@@ -57,12 +57,12 @@ def main() -> None:
     report: dict = {"dataset_dir": values["dataset_dir"], "overrides": args.override, "settings": values}
     if not args.skip_train:
         start = time.perf_counter()
-        run_bundle(BUNDLE, "training", args.override, **values)
+        run_bundle(BUNDLE, "train", args.override, **values)
         report["train_seconds"] = round(time.perf_counter() - start, 1)
         report["train_peak_rss_mb"] = round(peak_rss_mb(), 1)
 
     start = time.perf_counter()
-    run_bundle(BUNDLE, "evaluating", args.override, **values)
+    run_bundle(BUNDLE, "evaluate", args.override, **values)
     report["evaluate_seconds"] = round(time.perf_counter() - start, 1)
     with open(os.path.join(values["output_dir"], "eval", "metrics.json")) as f:
         evaluation = json.load(f)

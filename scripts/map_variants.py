@@ -1,15 +1,22 @@
-"""Choose map settings on validation data only: score map variants of trained medical folds on their
-validation slices (held-out lesion-free slices of the training patients with lesion-like synthetic
-anomalies inside the organ), never on the test patients.
+"""Choose map settings on validation data only: score map variants of trained medical folds on data of
+their training patients that training never saw, never on the test patients.
 
     python scripts/map_variants.py --dataset_dir ../shared/data/brats2015 --output_dir runs/rot_default
+
+Two validation sets (``--validation``):
+
+- ``lesion_slices`` (default, needs labels of the training patients): every slice of a training patient
+  that holds a lesion (training keeps only lesion-free slices, so none of these was trained on) against
+  the held-out lesion-free validation slices. Real lesions, so it ranks settings the way tumours do.
+- ``synthetic``: the held-out lesion-free validation slices, half of them with a lesion-like synthetic
+  anomaly inside the organ (what the trainer validates on; works without any label).
 
 For every fold folder of ``scripts/rotation_study.py`` (``OUTPUT_DIR/<test case>`` with ``model.pt`` and
 ``run.json``), the fold's own validation slices are rebuilt from its training config, and each variant
 (settings that change the map of a trained model, not the training: level weights, smoothing, test-time
 flip, the slice score) is scored by pixel AUROC inside the organ and slice AUROC. These are threshold-free: the saved
 threshold belongs to the default map, so a variant's Dice needs its threshold refitted. Prints one Markdown row per variant
-(mean over folds, and per fold) and writes ``OUTPUT_DIR/map_variants.json``; the variant with the best
+(mean over folds, and per fold) and writes ``OUTPUT_DIR/map_variants_VALIDATION.json``; the variant with the best
 mean validation pixel AUROC is named, to be measured on the test patients afterwards with
 ``multiad evaluate --set ...``.
 """
@@ -28,9 +35,9 @@ from monai.networks.layers import GaussianFilter
 
 from multiad_monai.apps.cli import bundle_configs
 from multiad_monai.data import read_run_record
-from multiad_monai.handlers import load_network_checkpoint
+from multiad_monai.handlers import lesion_validation_set, load_network_checkpoint
 from multiad_monai.inferers.anomaly_map import image_score
-from multiad_monai.metrics import image_auroc, pixel_auroc
+from multiad_monai.metrics import f1_max, image_auroc, pixel_auroc
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "multiad_medical")
 VARIANTS = {
@@ -45,12 +52,38 @@ VARIANTS = {
 }
 
 
-def fold_parser(fold_dir: str, dataset_dir: str, test_cases: list[str], overrides: list[str]) -> ConfigParser:
+def fold_parser(fold_dir: str, dataset_dir: str, record: dict, overrides: list[str]) -> ConfigParser:
+    """The fold's training config: the bundle's, with the settings its run recorded (e.g. ``slice_context``)."""
     parser = ConfigParser()
-    parser.read_config(bundle_configs(BUNDLE, "training", overrides))
+    parser.read_config(bundle_configs(BUNDLE, "train", overrides))
     parser.read_meta(os.path.join(BUNDLE, "configs", "metadata.json"))
-    parser.update({"bundle_root": BUNDLE, "dataset_dir": dataset_dir, "output_dir": fold_dir, "test_cases": test_cases})
+    recorded = {key: value for key, value in record["fingerprint"]["settings"].items() if key in parser.get()}
+    parser.update(recorded)
+    parser.update(
+        {"bundle_root": BUNDLE, "dataset_dir": dataset_dir, "output_dir": fold_dir, "test_cases": record["split"]["test"]}
+    )
     return parser
+
+
+def lesion_slice_dataset(config: ConfigParser) -> list[dict]:
+    """Every slice of the fold's training patients that holds a lesion (label 1, its mask) and the held-out
+    lesion-free validation slices (label 0), through the fold's slice chain: the set ``threshold_source:
+    lesion_dice`` fits its threshold on."""
+    slicing = {
+        key: config[name]
+        for key, name in (
+            ("axis", "slice_axis"), ("quarter_turns", "quarter_turns"), ("min_foreground", "min_foreground"),
+            ("lesions_in_foreground_only", "lesions_in_foreground_only"),
+            ("crop_to_foreground", "crop_to_foreground"), ("crop_margin", "crop_margin"),
+        )
+    }
+    return lesion_validation_set(
+        config.get_parsed_content("case_split")[0],
+        config.get_parsed_content("volume_preprocessing"),
+        config.get_parsed_content("datalist_split")[1],
+        config.get_parsed_content("normal_statistics#dataset#transform"),
+        **slicing,
+    )
 
 
 @torch.inference_mode()
@@ -65,9 +98,13 @@ def validation_scores(network: torch.nn.Module, loader, score_mode: str) -> dict
         foreground = batch["foreground"] > 0 if "foreground" in batch else torch.ones_like(maps, dtype=torch.bool)
         inside_maps.append(maps[foreground].numpy())
         inside_masks.append(batch["mask"][foreground].numpy() > 0)
+    inside_maps, inside_masks = np.concatenate(inside_maps), np.concatenate(inside_masks)
+    best_dice, dice_threshold = f1_max(inside_maps, inside_masks)  # pooled Dice is the pixel F1
     return {
-        "pixel_auroc_in_organ": pixel_auroc(np.concatenate(inside_maps), np.concatenate(inside_masks)),
+        "pixel_auroc_in_organ": pixel_auroc(inside_maps, inside_masks),
         "slice_auroc": image_auroc(torch.cat(scores).numpy(), torch.cat(labels).numpy()),
+        "best_dice": best_dice,
+        "dice_threshold": dice_threshold,
     }
 
 
@@ -76,20 +113,27 @@ def main() -> None:
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--output_dir", required=True, help="folder of the rotation's fold folders")
     parser.add_argument("--override", action="append", default=[])
+    parser.add_argument("--validation", choices=["lesion_slices", "synthetic"], default="lesion_slices")
+    parser.add_argument("--variants", nargs="*", default=None, help="variant names to score (default: all)")
     args = parser.parse_args()
+    variants = {name: VARIANTS[name] for name in (args.variants or VARIANTS)}
     dataset_dir = os.path.abspath(args.dataset_dir)
     folds = sorted(
         name for name in os.listdir(args.output_dir) if os.path.isfile(os.path.join(args.output_dir, name, "model.pt"))
     )
-    results: dict[str, dict[str, dict[str, float]]] = {variant: {} for variant in VARIANTS}
+    results: dict[str, dict[str, dict[str, float]]] = {variant: {} for variant in variants}
     for fold in folds:
         fold_dir = os.path.abspath(os.path.join(args.output_dir, fold))
         record = read_run_record(fold_dir)
-        config = fold_parser(fold_dir, dataset_dir, record["split"]["test"], args.override)
-        loader = torch.utils.data.DataLoader(config.get_parsed_content("validate#dataset"), batch_size=16)
+        config = fold_parser(fold_dir, dataset_dir, record, args.override)
+        if args.validation == "synthetic":
+            dataset = config.get_parsed_content("validate#dataset")
+        else:
+            dataset = lesion_slice_dataset(config)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=16)
         print(f"{fold}: {len(loader.dataset)} validation slices", flush=True)
-        defaults = {key: config[key] for settings in VARIANTS.values() for key in settings}
-        for variant, settings in VARIANTS.items():
+        defaults = {key: config[key] for settings in variants.values() for key in settings}
+        for variant, settings in variants.items():
             config.update({**defaults, **settings})
             network = config.get_parsed_content("network_def", lazy=False)
             load_network_checkpoint(os.path.join(fold_dir, "model.pt"), network)
@@ -107,9 +151,9 @@ def main() -> None:
         lines.append(f"| {variant} | {100 * means[variant]:.1f} | {100 * slice_mean:.1f} | {cells} |")
     best = max(means, key=means.get)
     print("\n".join(lines))
-    print(f"best on validation: {best} {VARIANTS[best]}")
-    with open(os.path.join(args.output_dir, "map_variants.json"), "w") as f:
-        json.dump({"variants": VARIANTS, "results": results, "best": best}, f, indent=1)
+    print(f"best on validation: {best} {variants[best]}")
+    with open(os.path.join(args.output_dir, f"map_variants_{args.validation}.json"), "w") as f:
+        json.dump({"variants": variants, "results": results, "best": best}, f, indent=1)
 
 
 if __name__ == "__main__":

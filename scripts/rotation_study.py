@@ -36,11 +36,11 @@ def fold_metrics(
     settings = {**values, "dataset_dir": dataset_dir, "output_dir": fold_dir, "test_cases": [test_case]}
     if train and not os.path.isfile(os.path.join(fold_dir, "model.pt")):
         start = time.perf_counter()
-        run_bundle(BUNDLE, "training", overrides, **settings)
+        run_bundle(BUNDLE, "train", overrides, **settings)
         with open(os.path.join(fold_dir, "train_seconds.txt"), "w") as f:
             f.write(f"{time.perf_counter() - start:.0f}\n")
     if not os.path.isfile(metrics_path):
-        run_bundle(BUNDLE, "evaluating", overrides, **settings, eval_dir=eval_dir)
+        run_bundle(BUNDLE, "evaluate", overrides, **settings, eval_dir=eval_dir)
     with open(metrics_path) as f:
         return json.load(f)
 

@@ -59,6 +59,16 @@ def test_intensity_histogram_scores_unseen_values_high_whatever_their_polarity()
     assert torch.isclose(scores[1], scores[2])
 
 
+def test_intensity_channel_scores_one_channel_only():
+    image = torch.stack([torch.full((4, 4), 0.9), torch.full((4, 4), 0.1)])  # e.g. FLAIR, T1c
+    image[0, 0, 0] = 0.2
+    first = IntensityBaseline(channel=0)(image, names=["intensity_bright"])["intensity_bright"]
+    mean = IntensityBaseline()(image, names=["intensity_bright"])["intensity_bright"]
+    assert first.shape == (1, 4, 4) and torch.allclose(first[0], image[0]) and torch.allclose(mean[0], image.mean(0))
+    with pytest.raises(ValueError, match="channel 2 does not exist"):
+        IntensityBaseline(channel=2)(image, names=["intensity_bright"])
+
+
 def test_feature_knn_is_zero_on_training_images_and_larger_on_a_changed_one(teacher):
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     knn = FeatureKNNBaseline(teacher, memory_size=100000, sigma=0.0).fit([images[:2], images[2:]])

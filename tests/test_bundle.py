@@ -23,7 +23,7 @@ def _parser(workflow, **overrides):
 
 
 def test_bundle_layout_and_metadata():
-    for name in ("metadata.json", "common.json", "train.json", "evaluate.json", "inference.json", "logging.conf", "mvtec.json"):
+    for name in ("metadata.json", "train.json", "evaluate.json", "inference.json", "logging.conf", "mvtec.json"):
         assert os.path.isfile(os.path.join(CONFIGS, name)), name
     for name in ("docs/README.md", "LICENSE"):
         assert os.path.isfile(os.path.join(BUNDLE_ROOT, name)), name
@@ -32,7 +32,7 @@ def test_bundle_layout_and_metadata():
 
 
 def test_configs_instantiate_the_network(tiny_demo_dataset, tmp_path):
-    parser = _parser("training", dataset_dir=tiny_demo_dataset, output_dir=str(tmp_path), image_size=64)
+    parser = _parser("train", dataset_dir=tiny_demo_dataset, output_dir=str(tmp_path), image_size=64)
     network = parser.get_parsed_content("network")
     assert type(network).__name__ == "MultiAD"
     assert network.student.out_channels == network.teacher.out_channels
@@ -43,7 +43,7 @@ def test_configs_instantiate_the_network(tiny_demo_dataset, tmp_path):
 
 
 def test_wrong_dataset_dir_is_one_clear_error(tmp_path, capsys):
-    parser = _parser("training", dataset_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path))
+    parser = _parser("train", dataset_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path))
     with pytest.raises(RuntimeError) as raised:
         parser.get_parsed_content("data_root")
     assert isinstance(root_cause(raised.value), DatasetError) and "nowhere" in str(root_cause(raised.value))
@@ -96,7 +96,7 @@ def test_cli_passes_null_overrides_as_none(monkeypatch):
     seen = {}
     monkeypatch.setattr(monai.bundle, "run", lambda run_id, **kwargs: seen.update(kwargs, run_id=run_id))
     assert main(["train", "--set", "student_se_ratio=null", "--set", "num_epochs=3", "--set", "fusion=product"]) == 0
-    assert seen["run_id"] == "training" and seen["num_epochs"] == 3 and seen["fusion"] == "product"
+    assert seen["run_id"] == "run" and seen["config_file"][-1].endswith("train.json") and seen["num_epochs"] == 3 and seen["fusion"] == "product"
     # monai.bundle.run drops None overrides: they must arrive as an expression evaluating to None
     assert seen["student_se_ratio"] == "$None"
     parser = ConfigParser({"student_se_ratio": seen["student_se_ratio"]})

@@ -35,10 +35,10 @@ def test_two_process_gloo_training_and_gathered_evaluation(tiny_demo_dataset, tm
     ranks_save = tmp_path / "save_student_per_rank.json"
     ranks_save.write_text(json.dumps({"finalize": [save_student, "$torch.distributed.destroy_process_group()"]}))
     # the documented launch: MONAI's bundle runner with the multi-GPU override last in the config list
-    configs = [os.path.join(BUNDLE_ROOT, "configs", name) for name in ("common.json", "train.json", "multi_gpu_train.json")]
+    configs = [os.path.join(BUNDLE_ROOT, "configs", name) for name in ("train.json", "multi_gpu_train.json")]
     configs.append(str(ranks_save))
     log = torchrun(
-        "run", "training",
+        "run",
         "--meta_file", os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
         "--config_file", json.dumps(configs),
         "--logging_file", os.path.join(BUNDLE_ROOT, "configs", "logging.conf"),

@@ -27,7 +27,7 @@ def test_torchscript_export_gives_the_checkpoint_maps(tiny_demo_dataset, tmp_pat
         "--filepath", str(exported),
         "--ckpt_file", str(output / "model.pt"),
         "--meta_file", os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
-        "--config_file", os.path.join(BUNDLE_ROOT, "configs", "common.json"),
+        "--config_file", os.path.join(BUNDLE_ROOT, "configs", "inference.json"),
         "--bundle_root", BUNDLE_ROOT,
         "--image_size", "64",
         "--use_trace", "True",
@@ -37,7 +37,7 @@ def test_torchscript_export_gives_the_checkpoint_maps(tiny_demo_dataset, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
 
     parser = ConfigParser()
-    parser.read_config(bundle_configs(BUNDLE_ROOT, "evaluating"))
+    parser.read_config(bundle_configs(BUNDLE_ROOT, "evaluate"))
     parser.update({"bundle_root": BUNDLE_ROOT, "image_size": 64, "dataset_dir": tiny_demo_dataset, "output_dir": str(output)})
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(output / "model.pt", map_location="cpu", weights_only=True))

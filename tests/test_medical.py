@@ -21,6 +21,7 @@ from multiad_monai.data import (
     DEMO_VOLUME_FILES,
     DatasetError,
     case_folder_datalist,
+    lesion_slice_datalist,
     load_volume,
     make_demo_volumes,
     normal_slice_datalist,
@@ -29,10 +30,10 @@ from multiad_monai.data import (
     volume_inference_datalist,
 )
 from multiad_monai.engines import VolumeAnomalyEvaluator
-from multiad_monai.handlers import VolumeOutputWriter
+from multiad_monai.handlers import LesionDiceThresholdHandler, VolumeOutputWriter
 from multiad_monai.inferers import VolumeAnomalyInferer
 from multiad_monai.metrics import VolumeAnomalyMetrics, aupro, dice_score, image_auroc, pixel_auroc, slice_labels
-from multiad_monai.transforms import RandNormalSliced, slice_transforms_2d, volume_transforms
+from multiad_monai.transforms import RandNormalSliced, slice_coverage, slice_transforms_2d, volume_transforms
 
 MEDICAL_BUNDLE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "bundles", "multiad_medical"))
 
@@ -93,8 +94,12 @@ def test_multimodal_case_is_channels(phantoms, tmp_path):
     for modality in ("flair", "t1c"):
         os.link(os.path.join(phantoms, "case000", "flair.nii.gz"), case / f"{modality}.nii.gz")
     items = case_folder_datalist(str(tmp_path / "multi"), image=["flair.nii.gz", "t1c.nii.gz"], label=None, foreground=None)
-    volume = volume_transforms("mri")(items[0])["image"]
-    assert volume.shape == (2, 40, 36, 24) and volume.meta["modalities"] == ["flair", "t1c"]
+    volume = volume_transforms("mri")(items[0])["image"]  # the teacher takes 3 channels: their mean is the third
+    assert volume.shape == (3, 40, 36, 24) and volume.meta["modalities"] == ["flair", "t1c"]
+    assert torch.allclose(volume[2], volume[:2].mean(0))
+    with pytest.raises(RuntimeError) as info:  # neighbouring slices cannot share the channels with modalities
+        volume_transforms("mri", slice_context=1)(items[0])
+    assert "flair.nii.gz: slice context needs a one-channel volume" in str(root_cause(info.value))
 
 
 def test_volume_folder_and_inference_datalists(phantoms, tmp_path):
@@ -126,6 +131,49 @@ def test_normal_slices_are_all_lesion_free_slices_in_order(phantoms):
     for item in slices:
         assert item["label"] == 0 and item["case"] == "case000" and item["image"].shape == (1, 40, 36)
         torch.testing.assert_close(item["image"], loaded["image"][..., item["slice_index"]].as_tensor())
+
+
+def test_lesion_slices_are_exactly_the_slices_the_normal_sampler_leaves_out(phantoms):
+    items = case_folder_datalist(phantoms)[:2]
+    transform = volume_transforms("mri")
+    lesion_slices = lesion_slice_datalist(items, transform, axis=2, quarter_turns=-1, min_foreground=0.1)
+    sampler = RandNormalSliced(["image"], axis=2, num_samples=None, foreground_key="foreground", lesion_key="label")
+    for item in items:
+        data = transform(item)
+        coverage_ok = set(np.flatnonzero(slice_coverage(data["foreground"], 2).numpy() >= 0.1).tolist())
+        normal = set(sampler.normal_slices(data).tolist())
+        lesion = {s["slice_index"] for s in lesion_slices if s["case"] == item["name"]}
+        assert lesion and lesion.isdisjoint(normal) and lesion | normal == coverage_ok
+    first = lesion_slices[0]
+    assert first["image"].shape == (1, 36, 40) and first["mask"].shape == (1, 36, 40) and float(first["mask"].sum()) > 0
+    assert lesion_slice_datalist([{**items[0], "label": None}], transform) == []  # unlabelled cases give none
+
+
+def test_lesion_dice_threshold_segments_the_training_lesions(phantoms):
+    """The threshold is where the (fake) map separates the lesions of the training patients best; the
+    normal-quantile setting leaves the network's threshold alone."""
+    items = case_folder_datalist(phantoms)[:2]
+    transform = volume_transforms("mri")
+    sampler = RandNormalSliced(["image", "foreground"], num_samples=None, foreground_key="foreground", lesion_key="label")
+    normal = normal_slice_datalist(items, transform, sampler)[:6]
+    chain = slice_transforms_2d(image_size=32, mean=(0.0,) * 3, std=(1.0,) * 3)
+    network = MedianDeviationNet(threshold=123.0)
+    unused = LesionDiceThresholdHandler(network, "normal_quantile")
+    assert unused.validation_items is not None and unused._items is None  # nothing loaded
+    handler = LesionDiceThresholdHandler(network, "lesion_dice", items, transform, normal, chain, min_foreground=0.1)
+    threshold = handler.threshold()
+    assert threshold is not None and threshold != 123.0
+    maps, masks = [], []
+    for item in handler.validation_items():
+        inside = item["foreground"] > 0
+        maps.append(network(item["image"][None])[0][inside])
+        masks.append(item["mask"][inside] > 0)
+    maps, masks = torch.cat(maps), torch.cat(masks)
+    dice_at = lambda t: float(2 * ((maps >= t) & masks).sum() / ((maps >= t).sum() + masks.sum()))  # noqa: E731
+    assert dice_at(threshold) >= max(dice_at(t) for t in torch.quantile(maps, torch.linspace(0.5, 0.999, 40))) - 1e-6
+    assert dice_at(threshold) > 0.5  # the fake map's bright lesions are well segmented at the chosen value
+    with pytest.raises(ValueError, match="unknown threshold source"):
+        LesionDiceThresholdHandler(network, "lesion-dice")
 
 
 def test_lesions_outside_the_organ_do_not_exclude_slices():
@@ -364,17 +412,17 @@ def test_bundles_layout_and_overrides():
     from multiad_monai.apps.cli import bundle_configs
 
     for bundle in (MEDICAL_BUNDLE, os.path.join(os.path.dirname(MEDICAL_BUNDLE), "multiad_2d")):
-        for name in ("configs/metadata.json", "configs/common.json", "configs/train.json", "configs/evaluate.json",
+        for name in ("configs/metadata.json", "configs/train.json", "configs/evaluate.json",
                      "configs/inference.json", "configs/logging.conf", "configs/multi_gpu_train.json",
                      "configs/multi_gpu_evaluate.json", "docs/README.md", "LICENSE"):
             assert os.path.isfile(os.path.join(bundle, name)), (bundle, name)
         assert "network_data_format" in json.load(open(os.path.join(bundle, "configs", "metadata.json")))
         parsers = []  # MONAI workflow sections (initialize, finalize) may be added by any override
-        for workflow in ("training", "evaluating", "inferring"):
+        for workflow in ("train", "evaluate", "infer"):
             parser = ConfigParser()
             parser.read_config(bundle_configs(bundle, workflow))
             parsers.append(parser)
-        base = ("metadata.json", "common.json", "train.json", "evaluate.json", "inference.json")
+        base = ("metadata.json", "train.json", "evaluate.json", "inference.json")
         for override in sorted(f for f in os.listdir(os.path.join(bundle, "configs")) if f.endswith(".json") and f not in base):
             for key in set(json.load(open(os.path.join(bundle, "configs", override)))) - {"initialize", "finalize"}:
                 # a new key is fine when it is a new argument of a defined object or a new helper referenced by the file
@@ -391,7 +439,7 @@ def test_augmented_bundle_training_set_leaves_its_cache_alone(phantoms, tmp_path
     from multiad_monai.apps.cli import bundle_configs
 
     parser = ConfigParser()
-    parser.read_config(bundle_configs(MEDICAL_BUNDLE, "training"))
+    parser.read_config(bundle_configs(MEDICAL_BUNDLE, "train"))
     parser.update({"bundle_root": MEDICAL_BUNDLE, "dataset_dir": phantoms, "output_dir": str(tmp_path), "image_size": 32, "augment": True})
     dataset = parser.get_parsed_content("train#dataset")
     cached = dataset._cache[0]["image"].clone()
@@ -419,6 +467,22 @@ def test_medical_bundle_end_to_end(phantoms, tmp_path):
     written = nib.load(str(output / "inference" / "flair_anomaly_map.nii.gz"))
     source = nib.load(scan)
     assert written.shape == source.shape and np.allclose(written.affine, source.affine, atol=1e-4)
+
+
+def test_medical_bundle_with_slice_context_trains_and_evaluates(phantoms, tmp_path):
+    """2.5D input: three-channel volumes through training, evaluation and the brightness baseline of the centre
+    slice; the threshold from the training patients' lesion slices."""
+    output = tmp_path / "run"
+    common = ["--bundle_root", "multiad_medical", "--dataset_dir", phantoms, "--output_dir", str(output)]
+    small = ["--set", "image_size=64", "--set", "num_epochs=1", "--set", "min_epoch_length=2"]
+    context = ["--set", "slice_context=2", "--set", "intensity_channel=1", "--set", 'baselines=["intensity_bright"]',
+               "--set", "threshold_source=lesion_dice", "--set", "val_interval=1"]
+    assert main(["demo", *common, *small, *context]) == 0
+    record = json.loads((output / "run.json").read_text())
+    assert record["fingerprint"]["settings"]["slice_context"] == 2
+    assert record["fingerprint"]["settings"]["threshold_source"] == "lesion_dice"
+    metrics = json.loads((output / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics["metrics"]["voxel_auroc"] <= 1.0 and set(metrics["baselines"]) == {"intensity_bright"}
 
 
 def test_medical_bundle_bad_dataset_is_one_line(tmp_path, capsys):

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import nibabel as nib
@@ -44,8 +45,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(url: str) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=b"", method="POST")
+def _post(url: str, params: dict | None = None) -> tuple[int, bytes]:
+    """POST to MONAI Label; ``params`` are the request options (the viewer panel's ``params`` form field)."""
+    data = urllib.parse.urlencode({"params": json.dumps(params)}).encode() if params else b""
+    request = urllib.request.Request(url, data=data, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
             return response.status, response.read()
@@ -118,6 +121,28 @@ def test_monailabel_server_returns_the_anomaly_mask_on_the_study_grid(tmp_path):
         fetched = nib.load(str(tmp_path / "heatmap.nii.gz"))
         assert fetched.shape == study.shape and np.allclose(np.asarray(fetched.dataobj), np.asarray(heatmap.dataobj))
 
+        # the network was built and loaded once, at the server's start, not for each of these requests
+        assert result["network_builds"] == 1
+        # the threshold is an option of the viewer's panel, the saved one by default; the reader's value sets the mask
+        assert info["models"]["multiad"]["config"]["threshold"] == result["saved_threshold"] == result["threshold"]
+        values = np.asarray(heatmap.dataobj)
+        threshold = float(np.quantile(values[values > 0], 0.5))
+        status, body = _post(f"{base}/infer/multiad?image=study1&output=image", {"threshold": threshold})
+        assert status == 200, body[:500]
+        (tmp_path / "label_reader.nii.gz").write_bytes(body)
+        relabelled = np.asarray(nib.load(str(tmp_path / "label_reader.nii.gz")).dataobj)
+        assert np.array_equal(relabelled, (values >= threshold).astype(np.uint8))
+        assert not np.array_equal(relabelled, np.asarray(label.dataobj))
+        status, body = _post(f"{base}/infer/multiad?image=study1&output=json", {"threshold": threshold, "device": "cpu"})
+        result = json.loads(body)
+        assert status == 200 and result["threshold"] == threshold and result["anomalous"] == (result["volume_score"] >= threshold)
+        assert result["network_builds"] == (2 if torch.cuda.is_available() else 1)  # a second device, a second network
+        for bad in ({"threshold": "high"}, {"device": "abacus"}):
+            status, body = _post(f"{base}/infer/multiad?image=study1&output=json", bad)
+            assert status == 422 and list(bad)[0] in json.loads(body)["detail"]
+        builds = (tmp_path / f"server_{base.rsplit(':', 1)[1]}.log").read_text().count("Multi-AD network built")
+        assert builds == result["network_builds"]  # the server's log says so too, after all these requests
+
         status, body = _post(f"{base}/infer/multiad?image=broken&output=json")
         assert status == 422 and "broken.nii.gz" in json.loads(body)["detail"]
         with urllib.request.urlopen(f"{base}/info/", timeout=5) as response:  # the server stays up
@@ -144,6 +169,10 @@ def test_monailabel_server_with_a_2d_model(tiny_demo_dataset, tmp_path):
         (tmp_path / "label.png").write_bytes(body)
         label = np.asarray(Image.open(tmp_path / "label.png"))
         assert label.shape == (70, 80) and set(np.unique(label)) <= {0, 1}
+        for threshold, expected in ((1e9, 0), (-1e9, 1)):  # the reader's threshold sets the mask
+            status, body = _post(f"{base}/infer/multiad?image=part1&output=image", {"threshold": threshold})
+            (tmp_path / "label_reader.png").write_bytes(body)
+            assert status == 200 and np.all(np.asarray(Image.open(tmp_path / "label_reader.png")) == expected)
         status, body = _post(f"{base}/infer/multiad?image=part1&output=json")
         result = json.loads(body)
         assert status == 200 and {"score", "normalized_score", "anomalous", "heatmap"} <= set(result)

@@ -20,6 +20,8 @@ from multiad_monai.transforms import (
     EnsureRGB,
     EnsureRGBd,
     RandSyntheticDefectd,
+    SliceContextChannelsd,
+    TwoModalitiesToRGB,
     denormalize,
     image_transforms_2d,
     validation_transforms_2d,
@@ -68,6 +70,41 @@ def test_ensure_rgb_keeps_metadata():
     image = MetaTensor(torch.ones(1, 4, 4), meta={"filename_or_obj": "gray.png"})
     out = EnsureRGBd(keys="image")({"image": image})["image"]
     assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "gray.png"
+
+
+# ----------------------------------------------------------------------------- volume channels
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slice_context_channels_are_the_neighbouring_slices_with_edges_repeated(axis):
+    volume = MetaTensor(torch.rand(1, 5, 6, 7), affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0])))
+    out = SliceContextChannelsd("image", axis=axis, offset=2)({"image": volume})["image"]
+    assert isinstance(out, MetaTensor) and out.shape == (3, 5, 6, 7) and torch.equal(out.affine, volume.affine)
+    size = volume.shape[axis + 1]
+    for index in range(size):
+        expected = [max(index - 2, 0), index, min(index + 2, size - 1)]
+        for channel, source in enumerate(expected):
+            got = out[channel].select(axis, index)
+            assert torch.equal(got, volume[0].select(axis, source)), (axis, index, channel)
+    assert SliceContextChannelsd("image", offset=0)({"image": volume})["image"] is volume
+
+
+def test_slice_context_refuses_several_modalities_naming_the_file():
+    volume = MetaTensor(torch.zeros(2, 4, 4, 4), meta={"filename_or_obj": "/data/p1/flair.nii.gz"})
+    with pytest.raises(ValueError, match="flair.nii.gz.*one-channel"):
+        SliceContextChannelsd("image")({"image": volume})
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_two_modalities_get_their_mean_as_third_channel(as_numpy):
+    image = torch.rand(2, 3, 4)
+    image = image.numpy() if as_numpy else image
+    out = TwoModalitiesToRGB()(image)
+    assert tuple(out.shape) == (3, 3, 4) and type(out) is type(image)
+    np.testing.assert_allclose(np.asarray(out[2]), (np.asarray(image[0]) + np.asarray(image[1])) / 2, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out[:2]), np.asarray(image))
+    one = torch.rand(1, 3, 4)
+    assert TwoModalitiesToRGB()(one) is one
 
 
 # ----------------------------------------------------------------------------- EmptyMaskd

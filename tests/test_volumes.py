@@ -12,7 +12,6 @@ import numpy as np
 import pydicom.data
 import pytest
 import torch
-import torch.nn as nn
 from monai.data import MetaTensor
 
 from conftest import MedianDeviationNet

@@ -2,7 +2,7 @@
 
     monailabel start_server --app apps/monailabel --studies /data/studies \
         --conf model runs/brain/model.pt [--conf bundle multiad_medical] [--conf overrides liver_ct.json] \
-        [--conf settings '{"image_size": 256}']
+        [--conf settings '{"image_size": 256}'] [--conf runtime onnx]
 
 The infer task ``multiad`` runs the bundle's ``inference.json`` (the bundle is the single source of
 truth) and returns the thresholded anomaly mask as the label, with the scores in the result JSON (see
@@ -31,6 +31,7 @@ class MultiADApp(MONAILabelApp):
         self.ckpt_path = conf.get("model", "")
         self.overrides = [o for o in conf.get("overrides", "").split(",") if o]
         self.settings = json.loads(conf.get("settings", "{}"))
+        self.runtime = conf.get("runtime", "torch")  # "onnx": onnxruntime on the CPU, exported at the start
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -42,7 +43,7 @@ class MultiADApp(MONAILabelApp):
 
     def init_infers(self):
         # a missing model, or one without a saved threshold, stops the server at start with one message
-        task = MultiADInferTask(self.bundle_root, self.ckpt_path, self.overrides, self.settings)
+        task = MultiADInferTask(self.bundle_root, self.ckpt_path, self.overrides, self.settings, runtime=self.runtime)
         return {"multiad": task}
 
     def infer(self, request, datastore=None):

@@ -1,7 +1,8 @@
 """``multiad``: train, evaluate and run inference with a Multi-AD bundle, or the whole demo in one go.
 
 Each command runs the bundle's MONAI config through ``monai.bundle.run``, so ``multiad train`` and
-``python -m monai.bundle run training --config_file "[...]"`` are the same job.
+``python -m monai.bundle run --config_file configs/train.json`` are the same job (``evaluate``: ``evaluate.json``
+merged over ``train.json``; ``infer``: ``inference.json``).
 """
 
 from __future__ import annotations
@@ -12,40 +13,31 @@ import os
 import sys
 import time
 
+from multiad_monai.apps.bundles import BUNDLES_DIR, DEFAULT_BUNDLE, bundle_configs, resolve_bundle_root
+from multiad_monai.apps.tracking import TRACKERS, mlflow_settings
 from multiad_monai.data.errors import root_cause
 
-__all__ = ["main", "bundle_configs", "check_override_keys", "defines_key", "parse_settings", "run_bundle", "root_cause", "DEFAULT_BUNDLE"]
-
-BUNDLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bundles")
-DEFAULT_BUNDLE = os.path.join(BUNDLES_DIR, "multiad_2d")
-
-# run id in the config -> config files, in merge order (later ones override earlier keys)
-_WORKFLOWS = {
-    "training": ["common.json", "train.json"],
-    "evaluating": ["common.json", "evaluate.json"],
-    "inferring": ["common.json", "inference.json"],
-}
+__all__ = [
+    "main", "bundle_configs", "check_override_keys", "defines_key", "parse_settings", "run_bundle", "root_cause",
+    "BUNDLES_DIR", "DEFAULT_BUNDLE",
+]
 
 
-def bundle_configs(bundle_root: str, workflow: str, overrides: list[str] | None = None) -> list[str]:
-    """The config files of ``workflow`` in a bundle, then any override files (paths or names in ``configs/``)."""
-    files = [os.path.join(bundle_root, "configs", name) for name in _WORKFLOWS[workflow]]
-    for name in overrides or []:
-        files.append(name if os.path.isfile(name) else os.path.join(bundle_root, "configs", name))
-    for path in files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"bundle config not found: {path}")
-    return files
+
+DEMO_OVERRIDE = "demo.json"
 
 
-def run_bundle(bundle_root: str, workflow: str, overrides: list[str] | None = None, **values) -> None:
-    """Runs ``workflow`` ("training", "evaluating", "inferring") of a bundle with key overrides ``values``."""
+def run_bundle(bundle_root: str, workflow: str, overrides: list[str] | None = None, tracking: dict | None = None, **values) -> None:
+    """Runs ``workflow`` ("train", "evaluate", "infer") of a bundle, MONAI's run id ``run``, with key overrides ``values``;
+    ``tracking``: MONAI's experiment-tracking settings (:func:`multiad_monai.apps.tracking.mlflow_settings`)."""
     from monai.bundle import run
 
     # monai.bundle.run drops overrides whose value is None; "$None" makes the config see a real None
     values = {key: "$None" if value is None else value for key, value in values.items()}
+    if tracking is not None:
+        values["tracking"] = tracking
     run(
-        workflow,
+        "run",
         meta_file=os.path.join(bundle_root, "configs", "metadata.json"),
         config_file=bundle_configs(bundle_root, workflow, overrides),
         logging_file=os.path.join(bundle_root, "configs", "logging.conf"),
@@ -108,60 +100,134 @@ def _parse_value(text: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="multiad", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["demo", "train", "evaluate", "infer"])
+    parser.add_argument("command", choices=["demo", "train", "evaluate", "infer", "export"])
     parser.add_argument(
         "--bundle_root",
-        default=DEFAULT_BUNDLE,
-        help="bundle folder, or the name of a bundle shipped in bundles/ (multiad_2d: images, the default; "
+        default=None,
+        help="bundle folder, or the name of a bundle shipped with the package (multiad_2d: images, the default; "
         "multiad_medical: volumes)",
     )
-    parser.add_argument("--output_dir", default=None, help="where checkpoints, metrics and maps go")
+    parser.add_argument("--output_dir", default=None, help="where checkpoints, metrics and maps go (default: ./runs)")
     parser.add_argument(
         "--dataset_dir", default=None, help="MVTec-layout folder or folder of case folders; empty: generated demo data"
     )
     parser.add_argument("--override", action="append", default=[], help="extra config file merged last (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config key override (repeatable)")
+    parser.add_argument("--bundle_dir", default=None, help="export: the bundle folder to create from the trained --output_dir")
+    parser.add_argument(
+        "--format", action="append", default=None, help="export: model file(s) to write (torchscript: models/model.ts, the default; onnx: models/model.onnx)"
+    )
+    parser.add_argument("--data_license", default=None, help="export: the training data's licence, a file or the text")
+    parser.add_argument("--tracking", choices=TRACKERS, default=None, help="train/evaluate: record the run with MLflow "
+                        "(needs the mlflow extra: pip install 'multiad-monai[mlflow]')")
+    parser.add_argument("--tracking_uri", default=None, help="MLflow tracking URI (default: a local store, OUTPUT_DIR/mlruns.db)")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return _export(args, parser)
 
     try:
         values = parse_settings(args.set)
     except ValueError as error:
         parser.error(str(error))
     user_keys = list(values)
-    if args.output_dir:
-        values["output_dir"] = os.path.abspath(args.output_dir)
+    # outputs never go inside the bundle (an installed one lives in site-packages)
+    values["output_dir"] = os.path.abspath(args.output_dir or values.get("output_dir", "runs"))
     if args.dataset_dir is not None:
         values["dataset_dir"] = args.dataset_dir
-    bundle_root = args.bundle_root
-    if not os.path.isdir(bundle_root) and os.path.isdir(os.path.join(BUNDLES_DIR, bundle_root)):
-        bundle_root = os.path.join(BUNDLES_DIR, bundle_root)
-    bundle_root = os.path.abspath(bundle_root)
+    bundle_root = resolve_bundle_root(args.bundle_root or DEFAULT_BUNDLE)
 
-    workflows = {"demo": ["training", "evaluating"], "train": ["training"], "evaluate": ["evaluating"], "infer": ["inferring"]}
+    workflows = {"demo": ["train", "evaluate"], "train": ["train"], "evaluate": ["evaluate"], "infer": ["infer"]}
+    overrides = list(args.override)
+    if args.command == "demo" and args.dataset_dir is None and os.path.isfile(os.path.join(bundle_root, "configs", DEMO_OVERRIDE)):
+        overrides.insert(0, DEMO_OVERRIDE)  # the generated demo data: the bundle's short demo schedule
+        print(f"[multiad] demo on generated data with {os.path.join(bundle_root, 'configs', DEMO_OVERRIDE)}", flush=True)
     try:
-        check_override_keys(bundle_root, workflows[args.command], args.override, user_keys)
+        check_override_keys(bundle_root, workflows[args.command], overrides, user_keys)
     except (ValueError, FileNotFoundError) as error:
         print(f"multiad: error: {error}", file=sys.stderr)
         return 2
+    tracking = None
+    if args.tracking == "mlflow":
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            print("multiad: error: --tracking mlflow needs MLflow: pip install 'multiad-monai[mlflow]'", file=sys.stderr)
+            return 2
+        tracking = mlflow_settings(args.tracking_uri)
     for workflow in workflows[args.command]:
         start = time.perf_counter()
         try:
-            run_bundle(bundle_root, workflow, args.override, **values)
+            run_bundle(bundle_root, workflow, overrides, tracking=tracking if workflow != "infer" else None, **values)
         except Exception as error:  # one clear line for the user; the full chain only with MULTIAD_DEBUG=1
             if os.environ.get("MULTIAD_DEBUG"):
                 raise
+            _close_progress_bars()
             cause = root_cause(error)
             print(f"multiad: error: {type(cause).__name__}: {cause}", file=sys.stderr)
             return 2
         print(f"[multiad] {workflow} finished in {time.perf_counter() - start:.1f} s", flush=True)
+    output_dir = values["output_dir"]
     if args.command == "demo":
-        output_dir = values.get("output_dir", os.path.join(bundle_root, "runs"))
         metrics_path = os.path.join(output_dir, "eval", "metrics.json")
         with open(metrics_path) as f:
-            metrics = json.load(f)["metrics"]
+            written = json.load(f)
         print(f"[multiad] test metrics ({metrics_path}):")
-        for key, value in metrics.items():
+        for key, value in written["metrics"].items():
             print(f"  {key:22s} {value:.4f}")
+        for note in written.get("notes", []):
+            print(f"  ({note})")
+    print(f"[multiad] {_main_output(args.command, bundle_root, overrides, values)}", flush=True)
+    return 0
+
+
+def _close_progress_bars() -> None:
+    """Closes the progress bars a failed run left open, so that the error starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _main_output(command: str, bundle_root: str, overrides: list[str], values: dict) -> str:
+    """The line that ends a command: where its main output is."""
+    from monai.bundle import ConfigParser
+
+    workflow = {"demo": "evaluate", "train": "train", "evaluate": "evaluate", "infer": "infer"}[command]
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle_root, workflow, overrides))
+    parser.update({"bundle_root": bundle_root, **values})
+    if workflow == "train":
+        return f"model: {parser.get_parsed_content('ckpt_path')}"
+    if workflow == "evaluate":
+        eval_dir = parser.get_parsed_content("eval_dir")
+        report = os.path.join(eval_dir, "report.html")
+        return f"report: {report}" if os.path.isfile(report) else f"metrics: {os.path.join(eval_dir, 'metrics.json')}"
+    return f"maps and scores: {parser.get_parsed_content('inference_dir')}"
+
+
+def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from multiad_monai.apps.export import export_bundle
+
+    if not args.output_dir or not args.bundle_dir:
+        parser.error("export needs --output_dir (the trained run) and --bundle_dir (the bundle folder to create)")
+    start = time.perf_counter()
+    try:
+        path = export_bundle(
+            args.output_dir,
+            args.bundle_dir,
+            bundle_root=args.bundle_root,
+            overrides=args.override,
+            formats=args.format or ["torchscript"],
+            data_license=args.data_license,
+        )
+    except Exception as error:
+        if os.environ.get("MULTIAD_DEBUG"):
+            raise
+        cause = root_cause(error)
+        print(f"multiad: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return 2
+    print(f"[multiad] export finished in {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"[multiad] bundle: {path} (run it: cd {path} && python -m monai.bundle run --config_file configs/inference.json --dataset_dir DIR)", flush=True)
     return 0
 
 

@@ -3,7 +3,10 @@
 Needs ``monailabel`` (its own environment, see the app in ``apps/monailabel``). The bundle stays the single
 source of truth: the task reads the bundle's configs as MONAI Label's ``monaibundle`` app does, sets
 ``input_path`` to the requested image and ``inference_dir`` to a temporary folder, and runs the
-``inferring`` workflow. The label returned is the thresholded anomaly mask (NIfTI on the study's own voxel
+inference workflow. The network is built and its checkpoint read once per server and device
+(:class:`~multiad_monai.apps.bundle_session.BundleInferenceSession`), not per request; the request's
+``device`` is honoured and its ``threshold`` (an option in the viewer's panel, default the saved one)
+sets the mask. The label returned is the thresholded anomaly mask (NIfTI on the study's own voxel
 grid for volumes, PNG of the image's size for 2D images); the result JSON holds the scores, the threshold,
 the normalised score and the path of the heatmap (the float NIfTI map of a volume, the overlay PNG of an
 image), kept for the reader.
@@ -18,6 +21,7 @@ import shutil
 import tempfile
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from fastapi import HTTPException
@@ -25,7 +29,8 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from PIL import Image
 
-from multiad_monai.apps.cli import bundle_configs, defines_key, root_cause, run_bundle
+from multiad_monai.apps.bundle_session import BundleInferenceSession
+from multiad_monai.apps.cli import bundle_configs, defines_key, root_cause
 from multiad_monai.data.errors import DatasetError
 from multiad_monai.data.mvtec import IMAGE_EXTENSIONS
 
@@ -48,6 +53,38 @@ def _saved_threshold(ckpt_path: str) -> float:
     return threshold
 
 
+def _request_device(request: dict) -> str | None:
+    """The request's ``device`` as MONAI Label names it (``cuda`` falls back to the CPU when there is no GPU);
+    None when the request gives none (the bundle's default device)."""
+    from monailabel.utils.others.generic import name_to_device
+
+    device = request.get("device")
+    return name_to_device(device) if device else None
+
+
+def _request_threshold(request: dict, saved: float) -> float:
+    """The request's ``threshold`` option as a float, ``saved`` when it gives none; HTTP 422 when not a number."""
+    value = request.get("threshold")
+    if value is None or value == "":
+        return saved
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not np.isfinite(threshold):
+        raise HTTPException(status_code=422, detail=f"threshold must be a finite number, got {value!r}")
+    return threshold
+
+
+def _threshold_volume_map(map_path: str, threshold: float, label_path: str) -> None:
+    """Writes the mask ``map >= threshold`` (uint8) of a float NIfTI map to ``label_path``, on the map's grid."""
+    heatmap = nib.load(map_path)
+    mask = (np.asarray(heatmap.dataobj, dtype=np.float32) >= threshold).astype(np.uint8)
+    image = nib.Nifti1Image(mask, heatmap.affine, heatmap.header)
+    image.set_data_dtype(np.uint8)
+    nib.save(image, label_path)
+
+
 class MultiADInferTask(InferTask):
     """Anomaly map and mask of one study through a bundle's inference workflow.
 
@@ -56,12 +93,20 @@ class MultiADInferTask(InferTask):
     PNG mask (0/1) of the image's size; a volume sent to it is refused with HTTP 422 (slicing needs a
     volumetric bundle).
 
+    The network is built and loaded when the task is made (the server's start) and reused by every request
+    (one per device). Request options: ``device`` (``cpu``, ``cuda``, ``cuda:1``; default the bundle's) and
+    ``threshold`` (the mask is the map at or above it; default the model's saved threshold, which
+    :meth:`config` offers to the viewer's panel). The result JSON gives the ``threshold`` used, the
+    ``saved_threshold`` and ``network_builds`` (how many times this server built the network).
+
     Args:
         bundle_root: the bundle folder.
         ckpt_path: the trained ``model.pt``.
         overrides: extra config files of the bundle (e.g. ``["liver_ct.json"]``).
         settings: more config keys (e.g. ``{"image_size": 256}``), as on the ``multiad`` command line.
         heatmap_dir: where the float anomaly maps are kept for the reader; default a folder beside the model.
+        runtime: ``"torch"``, or ``"onnx"`` (the loaded network exported once at the start and run by
+            onnxruntime on the CPU; see :class:`~multiad_monai.apps.bundle_session.BundleInferenceSession`).
     """
 
     def __init__(
@@ -71,40 +116,39 @@ class MultiADInferTask(InferTask):
         overrides: list[str] | None = None,
         settings: dict[str, Any] | None = None,
         heatmap_dir: str | None = None,
+        runtime: str = "torch",
     ) -> None:
         self.bundle_root = os.path.abspath(bundle_root)
         parser = ConfigParser()
         parser.read_config(bundle_configs(self.bundle_root, "inferring", overrides))
         self.volumetric = defines_key(parser, "input_path")
-        super().__init__(
-            type=InferType.SEGMENTATION,
-            labels={"anomaly": 1},
-            dimension=3 if self.volumetric else 2,
-            description="Multi-AD unsupervised anomaly map; label = region at or above the saved threshold",
-        )
         self.ckpt_path = os.path.abspath(ckpt_path)
         if not os.path.isfile(self.ckpt_path):
             raise FileNotFoundError(f"Multi-AD model not found: {self.ckpt_path!r} (--conf model PATH/model.pt)")
         self.threshold = _saved_threshold(self.ckpt_path)
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels={"anomaly": 1},
+            dimension=3 if self.volumetric else 2,
+            description="Multi-AD unsupervised anomaly map; label = region at or above the threshold (default: the saved one)",
+            config={"threshold": self.threshold},
+        )
         self.overrides = list(overrides or [])
         self.settings = dict(settings or {})
         self.heatmap_dir = heatmap_dir or os.path.join(os.path.dirname(self.ckpt_path), "monailabel_heatmaps")
+        self.session = BundleInferenceSession(self.bundle_root, self.ckpt_path, self.overrides, self.settings, runtime)
+        self.session.network()  # built and loaded once, at the server's start
 
     def is_valid(self) -> bool:
         return os.path.isfile(self.ckpt_path)
 
-    def _run(self, work_dir: str, **inputs: str) -> None:
+    def config(self) -> dict[str, Any]:
+        """The options of the viewer's panel: ``threshold``, the loaded model's saved one."""
+        return {**super().config(), "threshold": float(self.session.network().threshold)}
+
+    def _run(self, work_dir: str, device: str | None, **inputs: str) -> None:
         try:
-            run_bundle(
-                self.bundle_root,
-                "inferring",
-                self.overrides,
-                **self.settings,
-                **inputs,
-                ckpt_path=self.ckpt_path,
-                inference_dir=work_dir,
-                output_dir=work_dir,
-            )
+            self.session.run(device, **inputs, inference_dir=work_dir, output_dir=work_dir)
         except Exception as error:  # one clear message back to the client; the server stays up
             cause = root_cause(error)
             status = 422 if isinstance(cause, DatasetError) else 500  # 422: the study cannot be used as given
@@ -114,14 +158,29 @@ class MultiADInferTask(InferTask):
         image = request.get("image")
         if not isinstance(image, str) or not os.path.exists(image):
             raise HTTPException(status_code=404, detail=f"study image not found: {image!r}")
+        device = _request_device(request)
+        try:
+            self.session.device(device)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise HTTPException(status_code=422, detail=f"device {request.get('device')!r} cannot be used: {error}") from error
+        # the saved threshold of the model loaded now (a model.pt replaced on disk is reloaded)
+        saved = float(self.session.network(device).threshold)
+        threshold = _request_threshold(request, saved)
         work_dir = tempfile.mkdtemp(prefix="multiad_")
         try:
-            return self._volume(image, work_dir) if self.volumetric else self._image(image, work_dir)
+            if self.volumetric:
+                label, result = self._volume(image, work_dir, device, threshold, saved)
+            else:
+                label, result = self._image(image, work_dir, device, threshold, saved)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
+        result.update(threshold=threshold, saved_threshold=saved, network_builds=self.session.builds)
+        return label, result
 
-    def _volume(self, image: str, work_dir: str) -> tuple[str | None, dict]:
-        self._run(work_dir, input_path=image)
+    def _volume(
+        self, image: str, work_dir: str, device: str | None, threshold: float, saved: float
+    ) -> tuple[str | None, dict]:
+        self._run(work_dir, device, input_path=image)
         scores_files = [f for f in os.listdir(work_dir) if f.endswith("_scores.json")]
         if len(scores_files) != 1:
             raise HTTPException(status_code=500, detail=f"inference of {image!r} wrote {len(scores_files)} results")
@@ -132,10 +191,17 @@ class MultiADInferTask(InferTask):
             return None, result
         # MONAI Label deletes the returned label file once it is sent
         label = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
-        shutil.move(os.path.join(work_dir, result["files"]["mask"]), label)
+        if threshold == saved:  # the bundle's mask is at the saved threshold
+            shutil.move(os.path.join(work_dir, result["files"]["mask"]), label)
+        else:
+            _threshold_volume_map(result["heatmap"], threshold, label)
+            if result.get("volume_score") is not None:
+                result["anomalous"] = bool(result["volume_score"] >= threshold)
         return label, result
 
-    def _image(self, image: str, work_dir: str) -> tuple[str | None, dict]:
+    def _image(
+        self, image: str, work_dir: str, device: str | None, threshold: float, saved: float
+    ) -> tuple[str | None, dict]:
         if os.path.isdir(image) or not image.lower().endswith(IMAGE_EXTENSIONS):
             raise HTTPException(
                 status_code=422,
@@ -145,7 +211,7 @@ class MultiADInferTask(InferTask):
         input_dir = os.path.join(work_dir, "input")
         os.makedirs(input_dir)
         shutil.copy(image, input_dir)
-        self._run(work_dir, input_dir=input_dir)
+        self._run(work_dir, device, input_dir=input_dir)
         with open(os.path.join(work_dir, "scores.csv")) as f:
             row = next(csv.DictReader(f))
         name = os.path.splitext(os.path.basename(image))[0]
@@ -159,12 +225,11 @@ class MultiADInferTask(InferTask):
             "name": name,
             "score": float(row["score"]),
             "normalized_score": float(row["normalized_score"]),
-            "anomalous": row["prediction"] == "1",
+            "anomalous": row["prediction"] == "1" if threshold == saved else float(row["score"]) >= threshold,
             "heatmap": heatmap,
         }
-        result["threshold"] = self.threshold
         label = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
-        Image.fromarray((full_map >= self.threshold).astype(np.uint8)).save(label)
+        Image.fromarray((full_map >= threshold).astype(np.uint8)).save(label)
         return label, result
 
     def _keep_heatmap(self, path: str) -> str:

@@ -8,6 +8,7 @@ from .demo_volumes import DEMO_VOLUME_FILES, make_demo_volumes
 from .cases import (
     VOLUME_EXTENSIONS,
     case_folder_datalist,
+    lesion_slice_datalist,
     normal_slice_datalist,
     readable_volume_datalist,
     resolve_volume_dataset_dir,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from multiad_monai.data.demo_volumes import make_demo_volumes
+from multiad_monai.data.dicomweb import is_dicomweb_url, parse_dicomweb_url, retrieve_dicomweb_series
 from multiad_monai.data.errors import DatasetError, first_line, root_cause
 from multiad_monai.data.mvtec import report_skipped_files
 from multiad_monai.data.run_record import chosen_dataset_dir, item_paths
@@ -18,6 +19,7 @@ __all__ = [
     "split_cases",
     "volume_folder_datalist",
     "normal_slice_datalist",
+    "lesion_slice_datalist",
     "volume_inference_datalist",
     "readable_volume_datalist",
     "resolve_volume_dataset_dir",
@@ -207,6 +209,55 @@ def normal_slice_datalist(datalist: Sequence[dict], volume_transform: Callable, 
     return slices
 
 
+def lesion_slice_datalist(
+    datalist: Sequence[dict],
+    volume_transform: Callable,
+    axis: int = 2,
+    quarter_turns: int = 0,
+    min_foreground: float = 0.1,
+    lesions_in_foreground_only: bool = False,
+    crop_to_foreground: bool = False,
+    crop_margin: int = 8,
+) -> list[dict]:
+    """The slices of labelled cases that hold a lesion, cut like the training slices (turns, crop, foreground
+    coverage): ``{"image" (C, H, W), "mask" (1, H, W), "foreground" (1, H, W), "label": 1, "name", "case",
+    "slice_index"}``. Training keeps only lesion-free slices, so these are never trained on: with the held-out
+    normal slices they are a validation set of real lesions. Cases without a label give none.
+
+    Args:
+        datalist: case items (see :func:`case_folder_datalist`), usually the training cases.
+        volume_transform: loads a case (see :func:`multiad_monai.transforms.volume_transforms`).
+        axis, quarter_turns, min_foreground, lesions_in_foreground_only, crop_to_foreground, crop_margin: as
+            :class:`~multiad_monai.transforms.RandNormalSliced` for the training slices.
+    """
+    from multiad_monai.transforms.slices import crop_plane, foreground_box, slice_coverage, volume_slices
+
+    slices = []
+    for item in datalist:
+        if item.get("label") is None:
+            continue
+        case = item.get("name", os.path.basename(str(item["image"])))
+        data = volume_transform(item)
+        image, lesion = data["image"], data["label"] > 0
+        foreground = data.get("foreground")
+        if foreground is None:
+            foreground = (image != image.min()).any(dim=0, keepdim=True)
+        foreground = foreground > 0
+        if lesions_in_foreground_only:
+            lesion = lesion & foreground
+        volumes = {"image": image, "mask": lesion.float(), "foreground": foreground.float()}
+        if crop_to_foreground:
+            box = foreground_box(foreground, axis, crop_margin)
+            volumes = {key: crop_plane(volume, axis, box) for key, volume in volumes.items()}
+        coverage = slice_coverage(volumes["foreground"], axis)
+        planes = {key: volume_slices(volume, axis, quarter_turns) for key, volume in volumes.items()}
+        for index in range(len(coverage)):
+            if float(coverage[index]) >= min_foreground and bool(planes["mask"][index].any()):
+                sample = {key: planes[key][index].clone() for key in planes}
+                slices.append({**sample, "label": 1, "name": f"{case}_slice{index:04d}", "case": case, "slice_index": index})
+    return slices
+
+
 def volume_inference_datalist(
     input_path: str | None,
     dataset_dir: str | None = None,
@@ -216,7 +267,15 @@ def volume_inference_datalist(
 ) -> list[dict]:
     """What to run inference on: the volumes at ``input_path`` (see :func:`volume_folder_datalist`) or, when it
     is empty, every case folder of the dataset (``dataset_dir``, by default the one training recorded), without labels; their
-    foreground masks are kept to confine the maps. The dataset is not touched when ``input_path`` is given."""
+    foreground masks are kept to confine the maps. The dataset is not touched when ``input_path`` is given.
+
+    A DICOMweb study or series URL as ``input_path`` is downloaded first, one folder per image series under
+    ``<output_dir>/dicomweb_inputs/<StudyUID>/`` (see :func:`~multiad_monai.data.dicomweb.retrieve_dicomweb_series`),
+    each series one item named by its SeriesInstanceUID."""
+    if is_dicomweb_url(input_path):
+        study = parse_dicomweb_url(input_path)[1]
+        folders = retrieve_dicomweb_series(input_path, os.path.join(output_dir, "dicomweb_inputs", study))
+        return [{"image": folder, "name": os.path.basename(folder)} for folder in folders]
     if input_path:
         return volume_folder_datalist(input_path)
     root = resolve_volume_dataset_dir(dataset_dir, output_dir, from_record=True)

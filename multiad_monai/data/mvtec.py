@@ -103,14 +103,15 @@ def _find_mask(gt_folder: str, gt_files: dict[str, str], stem: str) -> str | Non
     return None
 
 
-def mvtec_datalist(root: str, split: str = "train", require_masks: bool = True) -> list[dict]:
+def mvtec_datalist(root: str, split: str = "train", require_masks: bool | None = True) -> list[dict]:
     """List the images of one split of an MVTec-style category folder.
 
     Args:
         root: category folder holding ``train/``, ``test/`` and ``ground_truth/``.
         split: ``"train"`` (``train/good`` only) or ``"test"`` (all of ``test/``).
         require_masks: if True, an anomalous test image without a mask in ``ground_truth`` is an error;
-            if False such items are listed without a ``"mask"`` key.
+            if False such items are listed without a ``"mask"`` key; None: True when ``root`` has a
+            ``ground_truth/`` folder, False (an image-level test set: good / defect folders only) when not.
 
     Returns:
         items sorted by (defect_type, file name), each ``{"image": path, "mask": path (absent for good
@@ -140,6 +141,10 @@ def mvtec_datalist(root: str, split: str = "train", require_masks: bool = True) 
             )
         return datalist
 
+    if require_masks is None:
+        require_masks = os.path.isdir(os.path.join(root, "ground_truth"))
+        if not require_masks:
+            logging.getLogger(__name__).info(f"{root} has no ground_truth/ folder: image-level test set, no pixel metrics")
     test_folder = os.path.join(root, "test")
     if not os.path.isdir(test_folder):
         raise _layout_error(root, "a 'test/' folder with one sub-folder per defect type (and 'good/')")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -149,7 +150,8 @@ class MultiADTrainer(Trainer):
             self.student_step = DistributedDataParallel(network.student, device_ids=device_ids)
             if self.discriminator_step is not None:
                 self.discriminator_step = DistributedDataParallel(self.discriminator_step, device_ids=device_ids)
-            self.logger.info(
+            # the module's logger: the bundles' logging.conf keeps ignite's engine loggers at WARNING
+            logging.getLogger(__name__).info(
                 f"rank {dist.get_rank()} of {dist.get_world_size()}: student and discriminator in DistributedDataParallel"
             )
 

@@ -35,7 +35,8 @@ def handlers_for_rank(handlers: Sequence[Any]) -> list[Any]:
     from ignite.handlers import ProgressBar
     from monai.handlers import StatsHandler, TensorBoardStatsHandler
 
+    from multiad_monai.handlers.epoch_summary import EpochLossSummary
     from multiad_monai.handlers.report import TensorBoardOverlayHandler
 
-    logging_only = (StatsHandler, TensorBoardStatsHandler, TensorBoardOverlayHandler, ProgressBar)
+    logging_only = (StatsHandler, TensorBoardStatsHandler, TensorBoardOverlayHandler, ProgressBar, EpochLossSummary)
     return [h for h in handlers if not isinstance(h, logging_only)]

@@ -96,6 +96,9 @@ def _json_numbers(value):
     return None if value is None else float(value)
 
 
+PIXEL_METRICS_SKIPPED = "pixel metrics skipped: not every anomalous test image has a pixel mask (image-level test set)"
+
+
 class MetricsJSONWriter:
     """After an evaluator's epoch, writes ``engine.state.metrics`` (floats only) to a JSON file, with the
     baselines' metrics and the per-case table when the evaluator has them
@@ -122,7 +125,12 @@ class MetricsJSONWriter:
             for key in (BASELINES_KEY, PER_CASE_KEY)
             if isinstance(engine.state.metrics.get(key), dict) and engine.state.metrics[key]
         }
-        atomic_write_text(self.output_path, json.dumps({**self.extra, "metrics": metrics, **tables}, indent=2) + "\n")
+        notes = {}
+        if "image_auroc" in metrics and "pixel_auroc" not in metrics:  # an image-level test set (good / defect folders)
+            notes["notes"] = [PIXEL_METRICS_SKIPPED]
+            logging.getLogger(__name__).info(PIXEL_METRICS_SKIPPED)
+        content = {**self.extra, "metrics": metrics, **notes, **tables}
+        atomic_write_text(self.output_path, json.dumps(content, indent=2) + "\n")
         logging.getLogger(__name__).info(f"metrics written to {self.output_path}")
 
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.layers import GaussianFilter
 
+from multiad_monai.inferers.smoothing import GaussianSmoothing
 from multiad_monai.networks.fusion import LearnedFusion
 
 __all__ = ["AnomalyMapGenerator", "cosine_distance_maps", "image_score"]
@@ -66,9 +66,10 @@ class AnomalyMapGenerator(nn.Module):
     ``forward(teacher_features, student_features, size)`` returns ``(B, 1, *size)``.
     The statistics are buffers ``normal_mean`` and ``normal_std`` of shape ``(len(levels), *map_size)``
     (``(len(levels), 1, ...)`` until fitted, which leaves maps unchanged), saved with the weights.
-    The smoothing ``sigma`` is saved too (MONAI's ``GaussianFilter`` keeps it as a parameter) and a loaded
-    checkpoint's value wins, since the saved threshold was set on maps of that smoothing; a configured
-    ``sigma`` that differs is logged as a warning, not silently dropped.
+    The smoothing (:class:`GaussianSmoothing`: MONAI's ``GaussianFilter`` numbers in a form that exports to
+    ONNX) saves its ``sigma`` too, under the keys of MONAI's filter, and a loaded checkpoint's value wins,
+    since the saved threshold was set on maps of that smoothing; a configured ``sigma`` that differs is
+    logged as a warning, not silently dropped.
     """
 
     def __init__(
@@ -102,7 +103,7 @@ class AnomalyMapGenerator(nn.Module):
         self.level_weights = None if level_weights is None else [float(w) / sum(level_weights) for w in level_weights]
         self.fusion = fusion
         self.fusion_head = LearnedFusion(spatial_dims, len(self.levels)) if fusion == "learned" else None
-        self.smooth = GaussianFilter(spatial_dims, sigma) if sigma > 0 else nn.Identity()
+        self.smooth = GaussianSmoothing(spatial_dims, sigma) if sigma > 0 else nn.Identity()
         self.level_normalization = level_normalization
         self.min_std = min_std
         if level_normalization == "pixel":

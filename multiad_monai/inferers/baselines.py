@@ -38,7 +38,7 @@ def check_baseline_names(names: Sequence[str], allowed: Sequence[str] = BASELINE
 
 
 class IntensityBaseline:
-    """Voxel brightness scores of images in [0, 1] (after the intensity preset; several channels are averaged).
+    """Voxel brightness scores of images in [0, 1] (after the intensity preset; one channel, or the channel mean).
 
     Maps: ``intensity_bright`` (the value), ``intensity_dark`` (1 - value) and ``intensity_histogram``
     (-log of the probability of the value's bin under the histogram of normal foreground voxels seen by
@@ -47,13 +47,16 @@ class IntensityBaseline:
     Args:
         bins: histogram bins over [0, 1]; values outside are counted in the end bins.
         pseudo_count: added to every bin, so that an unseen value gets a large but finite score.
+        channel: the image channel whose brightness is scored (e.g. FLAIR of FLAIR + T1c, or the centre slice
+            of a 2.5D input); None: the mean of all channels.
     """
 
-    def __init__(self, bins: int = 256, pseudo_count: float = 1.0) -> None:
+    def __init__(self, bins: int = 256, pseudo_count: float = 1.0, channel: int | None = None) -> None:
         if bins < 2 or pseudo_count <= 0:
             raise ValueError(f"bins must be at least 2 and pseudo_count positive, got {bins} and {pseudo_count}.")
         self.bins = bins
         self.pseudo_count = pseudo_count
+        self.channel = channel
         self.reset()
 
     def reset(self) -> None:
@@ -63,12 +66,21 @@ class IntensityBaseline:
     def is_fitted(self) -> bool:
         return bool(self.counts.sum() > 0)
 
+    def _brightness(self, image: torch.Tensor) -> torch.Tensor:
+        """``(1, *spatial)`` brightness of ``image`` ``(C, *spatial)``."""
+        image = torch.as_tensor(image).float()
+        if self.channel is None:
+            return image.mean(dim=0, keepdim=True)
+        if not 0 <= self.channel < image.shape[0]:
+            raise ValueError(f"intensity channel {self.channel} does not exist in an image of {image.shape[0]} channels.")
+        return image[self.channel : self.channel + 1]
+
     def _bin_index(self, values: torch.Tensor) -> torch.Tensor:
         return (values.clamp(0.0, 1.0) * self.bins).long().clamp_(max=self.bins - 1)
 
     def update(self, image: torch.Tensor, foreground: torch.Tensor | None = None) -> None:
         """Count the normal voxels of ``image`` ``(C, *spatial)`` inside ``foreground`` ``(1, *spatial)`` (all when None)."""
-        values = torch.as_tensor(image).float().mean(dim=0)
+        values = self._brightness(image)[0]
         if foreground is not None:
             values = values[torch.as_tensor(foreground).any(dim=0) > 0]
         self.counts += torch.bincount(self._bin_index(values.reshape(-1).cpu()), minlength=self.bins).double()
@@ -78,7 +90,7 @@ class IntensityBaseline:
     ) -> dict[str, torch.Tensor]:
         """Maps ``(1, *spatial)`` float32 of ``image`` ``(C, *spatial)``, zero outside ``foreground`` when given."""
         names = check_baseline_names(names, INTENSITY_BASELINES)
-        values = torch.as_tensor(image).float().mean(dim=0, keepdim=True).cpu()
+        values = self._brightness(image).cpu()
         maps = {}
         if "intensity_bright" in names:
             maps["intensity_bright"] = values.clone()

@@ -46,6 +46,8 @@ class VolumeBaselineInferer:
         slice_batch_size: slices per teacher pass.
         device: where ``feature_knn`` runs; None: the teacher's device.
         bins: intensity histogram bins.
+        intensity_channel: channel of the volume whose brightness the intensity baselines score; None: the
+            channel mean (see :class:`IntensityBaseline`).
         memory_size, knn_levels, sigma, seed: of :class:`FeatureKNNBaseline`.
 
     ``__call__(volume (C, X, Y, Z), foreground (1, X, Y, Z) | None)`` returns ``(maps, slice_scores)``:
@@ -71,6 +73,7 @@ class VolumeBaselineInferer:
         slice_batch_size: int = 16,
         device: str | torch.device | None = None,
         bins: int = 256,
+        intensity_channel: int | None = None,
         memory_size: int = 10000,
         knn_levels: Sequence[int] = (1, 2),
         sigma: float = 4.0,
@@ -84,7 +87,7 @@ class VolumeBaselineInferer:
         self.axis = axis
         self.score_mode = score_mode
         self.slice_batch_size = slice_batch_size
-        self.intensity = IntensityBaseline(bins=bins)
+        self.intensity = IntensityBaseline(bins=bins, channel=intensity_channel)
         self.knn = None
         if FEATURE_KNN in self.names:
             self.knn = FeatureKNNBaseline(teacher, levels=knn_levels, memory_size=memory_size, sigma=sigma, seed=seed)

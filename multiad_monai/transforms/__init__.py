@@ -10,7 +10,23 @@ from multiad_monai.transforms.chains import (
     pil_to_gray,
     validation_transforms_2d,
 )
-from multiad_monai.transforms.channels import EnsureRGB, EnsureRGBD, EnsureRGBd, EnsureRGBDict, source_name
+from multiad_monai.transforms.channels import (
+    EnsureRGB,
+    EnsureRGBD,
+    EnsureRGBd,
+    EnsureRGBDict,
+    TwoModalitiesToRGB,
+    TwoModalitiesToRGBD,
+    TwoModalitiesToRGBd,
+    TwoModalitiesToRGBDict,
+    source_name,
+)
+from multiad_monai.transforms.slice_context import (
+    SliceContextChannels,
+    SliceContextChannelsD,
+    SliceContextChannelsd,
+    SliceContextChannelsDict,
+)
 from multiad_monai.transforms.teacher_features import TeacherFeaturesd
 from multiad_monai.transforms.masks import EmptyMaskD, EmptyMaskd, EmptyMaskDict, zeros_mask_like
 from multiad_monai.transforms.synthetic import (
@@ -32,6 +48,14 @@ __all__ = [
     "EnsureRGBD",
     "EnsureRGBDict",
     "EnsureRGBd",
+    "TwoModalitiesToRGB",
+    "TwoModalitiesToRGBD",
+    "TwoModalitiesToRGBDict",
+    "TwoModalitiesToRGBd",
+    "SliceContextChannels",
+    "SliceContextChannelsD",
+    "SliceContextChannelsDict",
+    "SliceContextChannelsd",
     "RandSyntheticDefectD",
     "RandSyntheticDefectDict",
     "RandSyntheticDefectd",

@@ -11,7 +11,17 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends
 
-__all__ = ["EnsureRGB", "EnsureRGBd", "EnsureRGBD", "EnsureRGBDict", "source_name"]
+__all__ = [
+    "EnsureRGB",
+    "EnsureRGBd",
+    "EnsureRGBD",
+    "EnsureRGBDict",
+    "TwoModalitiesToRGB",
+    "TwoModalitiesToRGBd",
+    "TwoModalitiesToRGBD",
+    "TwoModalitiesToRGBDict",
+    "source_name",
+]
 
 
 def source_name(img) -> str:
@@ -65,3 +75,39 @@ class EnsureRGBd(MapTransform):
 
 
 EnsureRGBD = EnsureRGBDict = EnsureRGBd
+
+
+class TwoModalitiesToRGB(Transform):
+    """A two-channel image (two modalities, e.g. FLAIR and T1c) gets their mean as a third channel.
+
+    ``(2, *spatial)`` -> ``(3, *spatial)``; other channel counts pass unchanged. Only for images whose
+    channels are modalities: a 2D gray + alpha picture is not two modalities, so the 2D chain never uses it.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        if img.ndim == 0 or img.shape[0] != 2:
+            return img
+        if isinstance(img, torch.Tensor):
+            return torch.cat([img, img.mean(dim=0, keepdim=True)], dim=0)
+        return np.concatenate([img, img.mean(axis=0, keepdims=True)], axis=0)
+
+
+class TwoModalitiesToRGBd(MapTransform):
+    """Dictionary version of :class:`TwoModalitiesToRGB`."""
+
+    backend = TwoModalitiesToRGB.backend
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = TwoModalitiesToRGB()
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d
+
+
+TwoModalitiesToRGBD = TwoModalitiesToRGBDict = TwoModalitiesToRGBd

@@ -30,9 +30,10 @@ from monai.transforms import (
 
 from multiad_monai.data.errors import DatasetError
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
-from multiad_monai.transforms.channels import EnsureRGBd
+from multiad_monai.transforms.channels import EnsureRGBd, TwoModalitiesToRGBd
 from multiad_monai.transforms.intensity import ForegroundPercentileScaled, HounsfieldWindowd
 from multiad_monai.transforms.masks import EmptyMaskd
+from multiad_monai.transforms.slice_context import SliceContextChannelsd
 from multiad_monai.transforms.synthetic import RandSyntheticDefectd
 from multiad_monai.transforms.teacher_features import TeacherFeaturesd
 
@@ -116,15 +117,21 @@ def volume_transforms(
     window: float = 400.0,
     level: float = 40.0,
     reader: str | None = None,
+    slice_context: int = 0,
+    slice_axis: int = 2,
 ) -> Compose:
     """Load a case and bring its image to [0, 1] with an intensity preset; masks become binary.
 
-    Chain: :class:`LoadVolumed` (label and foreground optional) -> preset -> ``AsDiscreted`` (masks > 0.5).
+    Chain: :class:`LoadVolumed` (label and foreground optional) -> preset -> ``AsDiscreted`` (masks > 0.5)
+    -> [``slice_context`` > 0: :class:`~multiad_monai.transforms.SliceContextChannelsd`, the slices
+    ``slice_context`` before and after each slice along ``slice_axis`` as its first and third channels (2.5D;
+    one-channel images only)] -> :class:`~multiad_monai.transforms.TwoModalitiesToRGBd` (two modalities get
+    their mean as a third channel, as the teacher takes three).
     ``"mri"``: :class:`ForegroundPercentileScaled` inside the foreground mask (else above the minimum),
     with the outside set to 0; ``"ct"``: :class:`HounsfieldWindowd` (default abdominal W400/L40);
     ``"none"``: the image is already in [0, 1].
 
-    Returns a MetaTensor ``image`` ``(C, X, Y, Z)`` in [0, 1] and ``label``/``foreground`` ``(1, X, Y, Z)``
+    Returns a MetaTensor ``image`` ``(C, X, Y, Z)`` (``(3, X, Y, Z)`` with slice context) in [0, 1] and ``label``/``foreground`` ``(1, X, Y, Z)``
     in {0, 1} with the image's affine; a label with values 1-4 (BraTS) becomes "any lesion".
     """
     if preset not in INTENSITY_PRESETS:
@@ -153,6 +160,9 @@ def volume_transforms(
     elif preset == "ct":
         transforms.append(HounsfieldWindowd(image_key, window=window, level=level))
     transforms.append(AsDiscreted(keys=mask_keys, threshold=0.5, allow_missing_keys=True))
+    if slice_context:
+        transforms.append(SliceContextChannelsd(image_key, axis=slice_axis, offset=slice_context))
+    transforms.append(TwoModalitiesToRGBd(image_key))
     return Compose(transforms)
 
 
