@@ -22,8 +22,6 @@ __all__ = [
     "BUNDLES_DIR", "DEFAULT_BUNDLE",
 ]
 
-
-
 DEMO_OVERRIDE = "demo.json"
 
 
