@@ -22,14 +22,9 @@ import nibabel as nib
 import numpy as np
 
 from multiad_monai.data import read_run_record
+from multiad_monai.metrics import dice_score
 
 DEFAULT_VARIANT = "default (mean of 4 levels, sigma 4)"
-
-
-def volume_dice(anomaly_map: np.ndarray, label: np.ndarray, threshold: float) -> float:
-    predicted, truth = anomaly_map >= threshold, label > 0
-    total = int(predicted.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((predicted & truth).sum()) / total
 
 
 def main() -> None:
@@ -55,7 +50,7 @@ def main() -> None:
             label = np.asarray(nib.load(os.path.join(args.dataset_dir, case, args.label_file)).dataobj)
             if anomaly_map.shape != label.shape:  # the map is on the scan's own grid, as the label
                 raise ValueError(f"{case}: map shape {anomaly_map.shape} differs from the label's {label.shape}.")
-            dices.append(volume_dice(anomaly_map, label, scores["dice_threshold"]))
+            dices.append(dice_score(anomaly_map, label > 0, scores["dice_threshold"]))
         chosen.append(statistics.fmean(dices))
         saved.append(saved_dice)
         lines.append(f"| {fold} | {scores['dice_threshold']:.4f} | {100 * chosen[-1]:.1f} | {100 * saved_dice:.1f} |")
