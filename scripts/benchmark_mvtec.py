@@ -22,6 +22,7 @@ from monai.networks.layers import GaussianFilter
 
 from multiad_monai.apps.cli import DEFAULT_BUNDLE, bundle_configs, parse_settings, run_bundle
 from multiad_monai.engines.utils import to_device
+from multiad_monai.handlers import load_network_checkpoint
 from multiad_monai.inferers import image_score
 from multiad_monai.metrics import aupro, image_auroc, pixel_auroc
 
@@ -40,8 +41,7 @@ def parser_for(bundle_root: str, workflow: str, overrides: list[str], values: di
 def load_network(bundle_root, overrides, values):
     parser = parser_for(bundle_root, "evaluate", overrides, values)
     network = parser.get_parsed_content("network")
-    state = torch.load(parser.get_parsed_content("ckpt_path"), map_location="cpu", weights_only=True)
-    network.load_state_dict(state)
+    load_network_checkpoint(parser.get_parsed_content("ckpt_path"), network)
     return network.eval().to(memory_format=torch.channels_last), parser
 
 

@@ -60,7 +60,7 @@ def test_train_evaluate_infer_end_to_end(tiny_demo_dataset, tmp_path):
     common = ["--output_dir", out, "--dataset_dir", tiny_demo_dataset, "--set", "image_size=64"]
     training = ["--set", "num_epochs=2", "--set", "val_interval=1", "--set", "batch_size=4", "--set", "min_epoch_length=2"]
     assert main(["demo", *common, *training]) == 0  # train, then evaluate on test/
-    checkpoint = torch.load(os.path.join(out, "model.pt"), map_location="cpu", weights_only=True)
+    checkpoint = torch.load(os.path.join(out, "model.pt"), map_location="cpu", weights_only=True)["network"]
     assert torch.isfinite(checkpoint["threshold"]) and checkpoint["threshold"] > 0
     written = json.load(open(os.path.join(out, "eval", "metrics.json")))
     metrics = written["metrics"]
@@ -109,7 +109,7 @@ def test_retina_oct_override_trains_with_pixel_normalization(tiny_demo_dataset, 
     common = ["--output_dir", out, "--dataset_dir", tiny_demo_dataset, "--set", "image_size=64", "--override", "retina_oct.json"]
     training = ["--set", "num_epochs=2", "--set", "val_interval=1", "--set", "batch_size=4", "--set", "min_epoch_length=2"]
     assert main(["demo", *common, *training]) == 0
-    checkpoint = torch.load(os.path.join(out, "model.pt"), map_location="cpu", weights_only=True)
+    checkpoint = torch.load(os.path.join(out, "model.pt"), map_location="cpu", weights_only=True)["network"]
     mean, std = checkpoint["map_generator.normal_mean"], checkpoint["map_generator.normal_std"]
     assert mean.shape == std.shape == (4, 64, 64)
     assert float(mean.min()) > 0 and float(std.max()) > 0  # fitted on training images, not the unfitted 0 / 1

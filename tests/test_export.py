@@ -26,6 +26,7 @@ def test_torchscript_export_gives_the_checkpoint_maps(tiny_demo_dataset, tmp_pat
         sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
         "--filepath", str(exported),
         "--ckpt_file", str(output / "model.pt"),
+        "--key_in_ckpt", "network",
         "--meta_file", os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
         "--config_file", os.path.join(BUNDLE_ROOT, "configs", "inference.json"),
         "--bundle_root", BUNDLE_ROOT,
@@ -40,7 +41,7 @@ def test_torchscript_export_gives_the_checkpoint_maps(tiny_demo_dataset, tmp_pat
     parser.read_config(bundle_configs(BUNDLE_ROOT, "evaluate"))
     parser.update({"bundle_root": BUNDLE_ROOT, "image_size": 64, "dataset_dir": tiny_demo_dataset, "output_dir": str(output)})
     network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(output / "model.pt", map_location="cpu", weights_only=True))
+    network.load_state_dict(torch.load(output / "model.pt", map_location="cpu", weights_only=True)["network"])
     network.eval()
     scripted = load_exported_network(str(exported))
     dataset = parser.get_parsed_content("dataset")  # the test images through the bundle's own preprocessing

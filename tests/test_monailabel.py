@@ -57,13 +57,14 @@ def _post(url: str, params: dict | None = None) -> tuple[int, bytes]:
 
 
 @contextlib.contextmanager
-def _server(env: str, studies, model, tmp_path, bundle: str = "multiad_medical"):
+def _server(env: str, studies, model, tmp_path, bundle: str = "multiad_medical", runtime: str = "torch"):
     """A running ``monailabel start_server`` for ``studies``: yields (base URL, /info/ JSON); stopped after."""
     port = _free_port()
     command = [
         os.path.join(env, "bin", "monailabel"), "start_server", "--app", os.path.join(REPO, "apps", "monailabel"),
         "--studies", str(studies), "--conf", "model", str(model), "--conf", "bundle", bundle,
-        "--conf", "settings", '{"image_size":64}', "--host", "127.0.0.1", "--port", str(port),
+        "--conf", "settings", '{"image_size":64}', "--conf", "runtime", runtime,
+        "--host", "127.0.0.1", "--port", str(port),
     ]
     environment = {**os.environ, "PATH": os.path.join(env, "bin") + os.pathsep + os.environ["PATH"]}
     log_path = tmp_path / f"server_{port}.log"
@@ -87,8 +88,8 @@ def _server(env: str, studies, model, tmp_path, bundle: str = "multiad_medical")
         log.close()
 
 
-def test_monailabel_server_returns_the_anomaly_mask_on_the_study_grid(tmp_path):
-    env = _monailabel_env()
+def _volume_model_and_study(tmp_path) -> tuple:
+    """A tiny medical model trained on generated cases, and a studies folder holding one held-out case as ``study1``."""
     cases = make_demo_volumes(str(tmp_path / "cases"), num_cases=3, shape=(40, 36, 24))
     model_dir = tmp_path / "run"
     tiny = ["--set", "image_size=64", "--set", "num_epochs=1", "--set", "min_epoch_length=2", "--set", "val_interval=1"]
@@ -96,6 +97,12 @@ def test_monailabel_server_returns_the_anomaly_mask_on_the_study_grid(tmp_path):
     studies = tmp_path / "studies"
     studies.mkdir()
     shutil.copy(os.path.join(cases, "case002", "flair.nii.gz"), studies / "study1.nii.gz")
+    return model_dir, studies
+
+
+def test_monailabel_server_returns_the_anomaly_mask_on_the_study_grid(tmp_path):
+    env = _monailabel_env()
+    model_dir, studies = _volume_model_and_study(tmp_path)
     (studies / "broken.nii.gz").write_bytes(b"not a volume")
 
     with _server(env, studies, model_dir / "model.pt", tmp_path) as (base, info):
@@ -147,6 +154,25 @@ def test_monailabel_server_returns_the_anomaly_mask_on_the_study_grid(tmp_path):
         assert status == 422 and "broken.nii.gz" in json.loads(body)["detail"]
         with urllib.request.urlopen(f"{base}/info/", timeout=5) as response:  # the server stays up
             assert response.status == 200
+
+
+def test_monailabel_server_with_the_onnx_runtime_gives_the_torch_maps(tmp_path):
+    """``--conf runtime onnx`` (the benchmarked fast path): onnxruntime serves the maps and scores the torch runtime serves."""
+    env = _monailabel_env()
+    if subprocess.run([os.path.join(env, "bin", "python"), "-c", "import onnxruntime, onnxscript"]).returncode != 0:
+        pytest.skip(f"onnxruntime / onnxscript are not installed in {env} (.ci/run installs the onnx extra there)")
+    model_dir, studies = _volume_model_and_study(tmp_path)
+    results = {}
+    for runtime in ("torch", "onnx"):
+        with _server(env, studies, model_dir / "model.pt", tmp_path, runtime=runtime) as (base, info):
+            status, body = _post(f"{base}/infer/multiad?image=study1&output=json")
+            assert status == 200, body[:500]
+            results[runtime] = json.loads(body)
+            results[runtime]["map"] = np.asarray(nib.load(results[runtime]["heatmap"]).dataobj).copy()
+    torch_map, onnx_map = results["torch"]["map"], results["onnx"]["map"]
+    assert onnx_map.shape == torch_map.shape and np.abs(onnx_map - torch_map).max() < 1e-4
+    assert np.allclose(results["onnx"]["slice_scores"], results["torch"]["slice_scores"], atol=1e-4)
+    assert results["onnx"]["threshold"] == results["torch"]["threshold"]
 
 
 def test_monailabel_server_with_a_2d_model(tiny_demo_dataset, tmp_path):

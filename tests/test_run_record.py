@@ -8,8 +8,11 @@ import json
 import os
 import shutil
 
+import torch
+
 from multiad_monai.apps.cli import main
 from multiad_monai.data import make_demo_volumes
+from multiad_monai.data.errors import DatasetError, root_cause
 
 TINY = ["--set", "image_size=64", "--set", "min_epoch_length=2", "--set", "val_interval=1", "--set", "num_epochs=1"]
 
@@ -50,6 +53,16 @@ def test_rerun_with_other_settings_or_data_stops_and_resume_false_replaces(tiny_
     assert main([*common, "--set", "learning_rate=0.01", "--set", "resume=false"]) == 0
     assert json.loads((output / "run.json").read_text())["fingerprint"]["settings"]["learning_rate"] == 0.01
     assert (output / "model.pt").read_bytes() != model
+
+    # model.pt carries the fingerprint of its run, so the old model put back beside the new record is refused
+    saved = torch.load(output / "model.pt", map_location="cpu", weights_only=True)
+    assert saved["run"]["fingerprint"]["hash"] == json.loads((output / "run.json").read_text())["fingerprint"]["hash"]
+    (output / "model.pt").write_bytes(model)
+    capsys.readouterr()
+    assert main(["evaluate", "--output_dir", str(output), *TINY[:2]]) == 2
+    error = last_error(capsys)
+    assert "model.pt was not trained by the run recorded in run.json" in error and "learning_rate 0.01 -> 0.001" in error
+    assert not (output / "eval").exists()
 
 
 def test_evaluation_uses_the_recorded_data_and_never_generated_images(tiny_demo_dataset, tmp_path, capsys):
@@ -114,6 +127,7 @@ def test_one_bad_volume_does_not_lose_the_others(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", *common]) == 2
     assert "case003" in last_error(capsys)
+    assert not (output / "eval").exists()
     assert main(["evaluate", *common, "--set", "skip_bad_files=true"]) == 0
     metrics = json.loads((output / "eval" / "metrics.json").read_text())
     assert metrics["test_cases"] == ["case002"]
@@ -127,7 +141,17 @@ def test_one_bad_volume_does_not_lose_the_others(tmp_path, capsys):
         shutil.copy(os.path.join(cases, case, "flair.nii.gz"), folder / f"{case}.nii.gz")
     infer = ["infer", *common, "--set", f"input_path={folder}"]
     assert main(infer) == 2 and "case003.nii.gz" in last_error(capsys)
+    # every volume is read before any map is written, so the good one before the bad one gets nothing half-way
+    assert not (output / "inference").exists() or not any((output / "inference").iterdir())
     assert main([*infer, "--set", "skip_bad_files=true"]) == 0
     assert (output / "inference" / "case002_anomaly_map.nii.gz").is_file()
     assert not (output / "inference" / "case003_anomaly_map.nii.gz").exists()
     assert "case003.nii.gz" in (output / "inference" / "skipped_files.csv").read_text()
+
+
+def test_root_cause_ends_on_an_error_chain_that_loops():
+    inner = DatasetError("case003/flair.nii.gz: cannot be read")
+    outer = RuntimeError("applying transform")
+    outer.__cause__ = inner
+    inner.__cause__ = outer  # what `raise inner from outer` inside `except outer` leaves behind
+    assert root_cause(outer) is inner

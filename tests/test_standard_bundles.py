@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
@@ -17,6 +19,7 @@ from monai.bundle import ConfigParser
 from conftest import BUNDLE_ROOT
 from multiad_monai.apps.bundles import BUNDLES_DIR, bundle_configs, resolve_bundle_root
 from multiad_monai.apps.cli import main
+from multiad_monai.data import make_demo_volumes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES = [os.path.join(BUNDLES_DIR, name) for name in ("multiad_2d", "multiad_medical")]
@@ -196,3 +199,25 @@ def test_a_trained_run_exports_to_a_bundle_monai_runs(tiny_demo_dataset, tmp_pat
     with torch.inference_mode():
         torch.testing.assert_close(scripted(images), network(images), atol=1e-5, rtol=1e-5)
     assert float(scripted.threshold) == float(state["threshold"])
+
+
+def test_a_trained_volume_run_exports_to_a_bundle_that_maps_the_same(tmp_path):
+    cases = make_demo_volumes(str(tmp_path / "cases"), num_cases=3, shape=(32, 32, 16))
+    run = tmp_path / "run"
+    common = ["--bundle_root", "multiad_medical", "--output_dir", str(run), "--set", "image_size=64"]
+    training = ["--set", "num_epochs=1", "--set", "val_interval=1", "--set", "min_epoch_length=2", "--set", 'test_cases=["case002"]']
+    assert main(["train", *common, "--dataset_dir", cases, *training]) == 0
+    scan = os.path.join(cases, "case002", "flair.nii.gz")
+    assert main(["infer", *common, "--set", f"input_path={scan}"]) == 0
+    exported = tmp_path / "elsewhere" / "volume_bundle"
+    assert main(["export", "--output_dir", str(run), "--bundle_dir", str(exported)]) == 0
+    assert json.loads((exported / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]["spatial_shape"] == [64, 64]
+
+    _monai_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                  "--config_file", "configs/inference.json", "--device", "cpu", cwd=str(exported))
+    _monai_bundle("run", "--config_file", "configs/inference.json", "--input_path", scan, cwd=str(exported))
+    for kind in ("map", "mask"):
+        shared = nib.load(str(exported / "eval" / "inference" / f"flair_anomaly_{kind}.nii.gz"))
+        reference = nib.load(str(run / "inference" / f"flair_anomaly_{kind}.nii.gz"))
+        assert np.allclose(np.asarray(shared.dataobj), np.asarray(reference.dataobj), atol=1e-5)
+        assert np.allclose(shared.affine, reference.affine)

@@ -32,7 +32,7 @@ import torch
 
 from multiad_monai.apps.bundles import resolve_bundle_root
 from multiad_monai.data.errors import CheckpointError
-from multiad_monai.data.run_record import DEMO_SOURCE, RUN_RECORD, read_run_record
+from multiad_monai.data.run_record import DEMO_SOURCE, RUN_RECORD, read_run_record, check_model_fingerprint
 
 __all__ = ["export_bundle", "MODEL_WRITERS", "write_torchscript", "write_onnx", "bundle_kind"]
 
@@ -202,6 +202,7 @@ def _write_state_dict(checkpoint: str, target: str) -> None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(f"checkpoint {checkpoint} cannot be read ({error}); it is truncated or not a PyTorch file.") from error
+    check_model_fingerprint(state, checkpoint)
     if isinstance(state, dict) and isinstance(state.get("network"), dict):
         state = state["network"]
     if not isinstance(state, dict) or "threshold" not in state:

@@ -20,6 +20,8 @@ from .cases import (
 from .run_record import (
     DEMO_SOURCE,
     RUN_RECORD,
+    ModelFingerprint,
+    check_model_fingerprint,
     check_training_run,
     chosen_dataset_dir,
     read_run_record,

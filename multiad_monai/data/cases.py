@@ -288,24 +288,32 @@ def readable_volume_datalist(
     skip_bad_files: bool = False,
     report_path: str | None = None,
 ) -> list[dict]:
-    """The volume datalist unchanged or, with ``skip_bad_files``, the items whose files ``volume_transform``
-    (the bundle's loading and preprocessing) takes without error; the others are listed in ``report_path``
-    (CSV ``image,problem``) and a logged warning, so one corrupt volume among many does not lose the rest.
+    """The volume datalist, each of its volumes loaded once through ``volume_transform`` (the bundle's loading
+    and preprocessing) before any result is written. Without ``skip_bad_files`` the first bad volume stops the
+    run there, with its one-line error, so no map of the volumes before it is written; with it the unusable
+    items are left out, listed in ``report_path`` (CSV ``image,problem``) and a logged warning, so one corrupt
+    volume among many does not lose the rest.
 
-    Checking loads every volume once more, so it happens only when asked: without ``skip_bad_files`` a bad
-    volume stops the run with its one-line error when it is reached.
+    A single volume is not read ahead: it would fail the same way, before anything is written, at twice the
+    reading time (MONAI Label sends one volume per request).
 
     Raises:
-        DatasetError: with ``skip_bad_files``, when no item is usable.
+        DatasetError: without ``skip_bad_files``, naming the first unusable volume; with it, when no item is
+            usable.
     """
     items = list(datalist)
-    if not skip_bad_files:
+    if len(items) < 2 and not skip_bad_files:
         return items
     usable, skipped = [], []
     for item in items:
         try:
             volume_transform(dict(item))
         except Exception as error:  # any reader, orientation or intensity error makes the volume unusable
+            if not skip_bad_files:
+                cause = root_cause(error)
+                if isinstance(cause, DatasetError):
+                    raise cause
+                raise DatasetError(f"{';'.join(item_paths(item))}: {first_line(cause)}") from error
             skipped.append((";".join(item_paths(item)), first_line(root_cause(error))))
         else:
             usable.append(item)

@@ -29,7 +29,7 @@ def root_cause(error: BaseException) -> BaseException:
     calls and transforms; the outermost of this package's own errors (which name the file) if any, else the
     innermost exception."""
     chain = [error]
-    while chain[-1].__cause__ is not None:
+    while chain[-1].__cause__ is not None and chain[-1].__cause__ not in chain:  # a re-raised error can close a loop
         chain.append(chain[-1].__cause__)
     ours = [e for e in chain if isinstance(e, (DatasetError, CheckpointError))]
     return ours[0] if ours else chain[-1]

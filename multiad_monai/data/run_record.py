@@ -33,6 +33,8 @@ __all__ = [
     "check_training_run",
     "chosen_dataset_dir",
     "recorded_case_split",
+    "ModelFingerprint",
+    "check_model_fingerprint",
 ]
 
 RUN_RECORD = "run.json"
@@ -163,6 +165,47 @@ def check_training_run(
         difference = fingerprint_difference(saved.get("fingerprint", {}), fingerprint)
         raise CheckpointError(f"{output_dir} holds a training run of other settings or data ({difference}); {RERUN_WAYS_OUT}.")
     return record
+
+
+class ModelFingerprint:
+    """What made a model, saved inside ``model.pt`` beside its weights (``{"network": ..., "run": ...}``), so the
+    file keeps its provenance when copied out of its folder, and a ``model.pt`` that is not the one of the
+    ``run.json`` beside it is refused when loaded.
+
+    Args:
+        fingerprint: ``run.json``'s ``fingerprint`` (see :func:`training_fingerprint`); its hash and settings are
+            kept (the file list stays in ``run.json``).
+    """
+
+    def __init__(self, fingerprint: Mapping[str, Any]) -> None:
+        self.fingerprint = {"hash": fingerprint["hash"], "settings": dict(fingerprint.get("settings", {}))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.fingerprint = dict(state["fingerprint"])
+
+
+def check_model_fingerprint(checkpoint: Any, path: str) -> None:
+    """Check that a loaded ``model.pt`` (``checkpoint``, read from ``path``) belongs to the ``run.json`` in its
+    folder; a plain state dict (exported bundles, older runs) and a folder without a record pass.
+
+    Raises:
+        CheckpointError: the model was trained with other settings or data than the record beside it says.
+    """
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("run"), Mapping):
+        return
+    saved = checkpoint["run"].get("fingerprint", {})
+    record = read_run_record(os.path.dirname(os.path.abspath(path)))
+    recorded = (record or {}).get("fingerprint")
+    if recorded and recorded.get("hash") != saved.get("hash"):
+        settings = {"settings": recorded.get("settings", {})}, {"settings": saved.get("settings", {})}
+        difference = fingerprint_difference(*settings) if settings[0] != settings[1] else "same settings, other training files"
+        raise CheckpointError(
+            f"checkpoint {path} was not trained by the run recorded in {RUN_RECORD} beside it ({RUN_RECORD} -> model.pt: {difference}); "
+            "keep each model.pt in the folder of the run that made it."
+        )
 
 
 def chosen_dataset_dir(dataset_dir: str | None, output_dir: str, from_record: bool = False) -> str | None:

@@ -9,17 +9,20 @@ import torch
 from ignite.engine import Engine
 
 from multiad_monai.data.errors import CheckpointError, first_line
+from multiad_monai.data.run_record import check_model_fingerprint
 
 __all__ = ["NetworkCheckpointLoader", "load_network_checkpoint", "load_exported_network"]
 
 
 def load_network_checkpoint(path: str, network: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
-    """Load the weights saved by training (``model.pt``: a state dict, or ``{"network": state dict}``) into ``network``.
+    """Load the weights saved by training (``model.pt``: ``{"network": state dict, "run": fingerprint}``, or a
+    plain state dict as in exported bundles) into ``network``.
 
     Raises:
         FileNotFoundError: no file at ``path``.
         RuntimeError: naming ``path``, when the file is not a readable checkpoint, or when it holds another
-            architecture (missing, unexpected or differently shaped weights) or no saved threshold.
+            architecture (missing, unexpected or differently shaped weights), or when its fingerprint is not the
+            one of the ``run.json`` beside it.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (train a model first, or set ckpt_path).")
@@ -27,6 +30,7 @@ def load_network_checkpoint(path: str, network: torch.nn.Module, map_location: s
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
         raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(error)}); it is truncated or not a PyTorch file.") from error
+    check_model_fingerprint(state, path)
     if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
         state = state["network"]
     if not isinstance(state, dict):

@@ -51,7 +51,8 @@ class ResumeHandler:
     epoch's validation (threshold, best checkpoint, early-stopping counter). The file is written through a
     temporary file and a rename: a kill at any moment leaves the previous complete state. A finished run
     (all epochs, or stopped early) is marked so, and restarting it does nothing. In distributed runs every
-    process loads and only rank 0 writes.
+    process loads and only rank 0 writes. Not ignite's ``Checkpoint``: under one fixed file name it removes the
+    previous file before it writes the next (ignite 0.5), so a kill between the two would leave no state at all.
 
     What a kill costs: the epoch in progress is redone. Random generators are restored, but the data loader
     order after a restart is not the one the uninterrupted run would have drawn, so the weights at the end
