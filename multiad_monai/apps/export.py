@@ -32,7 +32,7 @@ import torch
 
 from multiad_monai.apps.bundles import resolve_bundle_root
 from multiad_monai.data.errors import CheckpointError
-from multiad_monai.data.run_record import DEMO_SOURCE, RUN_RECORD, read_run_record, check_model_fingerprint
+from multiad_monai.data.run_record import DEMO_SOURCE, RUN_RECORD, read_run_record
 
 __all__ = ["export_bundle", "MODEL_WRITERS", "write_torchscript", "write_onnx", "bundle_kind"]
 
@@ -198,13 +198,9 @@ def _write_json(path: str, content: Any) -> None:
 
 def _write_state_dict(checkpoint: str, target: str) -> None:
     """The network's state dict alone (threshold, score scale and normal statistics are its buffers)."""
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"checkpoint {checkpoint} cannot be read ({error}); it is truncated or not a PyTorch file.") from error
-    check_model_fingerprint(state, checkpoint)
-    if isinstance(state, dict) and isinstance(state.get("network"), dict):
-        state = state["network"]
+    from multiad_monai.handlers.checkpoint import read_network_state
+
+    state = read_network_state(checkpoint)
     if not isinstance(state, dict) or "threshold" not in state:
         raise CheckpointError(f"checkpoint {checkpoint} is not a Multi-AD network's state dict (no saved threshold).")
     torch.save(state, target)

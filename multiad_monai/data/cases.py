@@ -309,12 +309,13 @@ def readable_volume_datalist(
         try:
             volume_transform(dict(item))
         except Exception as error:  # any reader, orientation or intensity error makes the volume unusable
-            if not skip_bad_files:
-                cause = root_cause(error)
-                if isinstance(cause, DatasetError):
-                    raise cause
+            cause = root_cause(error)
+            if skip_bad_files:
+                skipped.append((";".join(item_paths(item)), first_line(cause)))
+            elif isinstance(cause, DatasetError):
+                raise cause
+            else:
                 raise DatasetError(f"{';'.join(item_paths(item))}: {first_line(cause)}") from error
-            skipped.append((";".join(item_paths(item)), first_line(root_cause(error))))
         else:
             usable.append(item)
     report_skipped_files(skipped, len(items), report_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 from ignite.engine import Engine
@@ -11,7 +12,24 @@ from ignite.engine import Engine
 from multiad_monai.data.errors import CheckpointError, first_line
 from multiad_monai.data.run_record import check_model_fingerprint
 
-__all__ = ["NetworkCheckpointLoader", "load_network_checkpoint", "load_exported_network"]
+__all__ = ["NetworkCheckpointLoader", "load_network_checkpoint", "load_exported_network", "read_network_state"]
+
+
+def read_network_state(path: str, map_location: str | torch.device = "cpu") -> Any:
+    """The network's state dict in a ``model.pt`` (``{"network": ..., "run": ...}`` or a plain state dict), after
+    checking its fingerprint against the ``run.json`` beside it; whatever else the file holds is returned as it is.
+
+    Raises:
+        CheckpointError: naming ``path``, when the file is not a readable PyTorch file or belongs to another run.
+    """
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(error)}); it is truncated or not a PyTorch file.") from error
+    check_model_fingerprint(state, path)
+    if isinstance(state, dict) and isinstance(state.get("network"), dict):
+        state = state["network"]
+    return state
 
 
 def load_network_checkpoint(path: str, network: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
@@ -26,13 +44,7 @@ def load_network_checkpoint(path: str, network: torch.nn.Module, map_location: s
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (train a model first, or set ckpt_path).")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(error)}); it is truncated or not a PyTorch file.") from error
-    check_model_fingerprint(state, path)
-    if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
-        state = state["network"]
+    state = read_network_state(path, map_location)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of weights.")
     expected = network.state_dict()
