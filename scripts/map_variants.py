@@ -14,7 +14,7 @@ Two validation sets (``--validation``):
 For every fold folder of ``scripts/rotation_study.py`` (``OUTPUT_DIR/<test case>`` with ``model.pt`` and
 ``run.json``), the fold's own validation slices are rebuilt from its training config, and each variant
 (settings that change the map of a trained model, not the training: level weights, smoothing, test-time
-flip, the slice score) is scored by pixel AUROC inside the organ and slice AUROC. These are threshold-free: the saved
+flip, the slice score, the intensity prior) is scored by pixel AUROC inside the organ and slice AUROC. These are threshold-free: the saved
 threshold belongs to the default map, so a variant's Dice needs its threshold refitted. Prints one Markdown row per variant
 (mean over folds, and per fold) and writes ``OUTPUT_DIR/map_variants_VALIDATION.json``; the variant with the best
 mean validation pixel AUROC is named, to be measured on the test patients afterwards with
@@ -35,7 +35,8 @@ from monai.networks.layers import GaussianFilter
 
 from multiad_monai.apps.cli import bundle_configs
 from multiad_monai.data import read_run_record
-from multiad_monai.handlers import lesion_validation_set, load_network_checkpoint
+from multiad_monai.handlers import fit_intensity_prior, lesion_validation_set, load_network_checkpoint
+from multiad_monai.handlers.checkpoint import read_network_state
 from multiad_monai.inferers.anomaly_map import image_score
 from multiad_monai.metrics import f1_max, image_auroc, pixel_auroc
 
@@ -50,6 +51,15 @@ VARIANTS = {
     "test-time flip": {"test_time_flip": True},
     "slice score: mean of the top 1% (not the maximum)": {"score_mode": "topk"},
 }
+# beyond the method: the brightness of normal tissue mixed into the map (IntensityPrior), fitted here on the
+# fold's training slices when its model was trained without it
+for _combination in ("sum", "product"):
+    for _weight, _tail in ((0.25, "upper"), (0.5, "upper"), (0.75, "upper"), (0.5, "both")):
+        VARIANTS[f"intensity prior {_combination} {_weight} {_tail}"] = {
+            "intensity_prior_weight": _weight, "intensity_prior_tail": _tail, "intensity_prior_combination": _combination
+        }
+
+PRIOR_KEYS = {"intensity_prior_weight", "intensity_prior_tail", "intensity_prior_combination"}
 
 
 def fold_parser(fold_dir: str, dataset_dir: str, record: dict, overrides: list[str]) -> ConfigParser:
@@ -58,6 +68,7 @@ def fold_parser(fold_dir: str, dataset_dir: str, record: dict, overrides: list[s
     parser.read_config(bundle_configs(BUNDLE, "train", overrides))
     parser.read_meta(os.path.join(BUNDLE, "configs", "metadata.json"))
     recorded = {key: value for key, value in record["fingerprint"]["settings"].items() if key in parser.get()}
+    recorded.setdefault("intensity_prior_weight", 0.0)  # runs from before the prior existed had none
     parser.update(recorded)
     parser.update(
         {"bundle_root": BUNDLE, "dataset_dir": dataset_dir, "output_dir": fold_dir, "test_cases": record["split"]["test"]}
@@ -86,13 +97,32 @@ def lesion_slice_dataset(config: ConfigParser) -> list[dict]:
     )
 
 
+def load_with_prior(network: torch.nn.Module, checkpoint: str, config: ConfigParser) -> None:
+    """Load ``checkpoint``; an enabled intensity prior that the checkpoint does not hold is fitted afterwards on
+    the fold's normal training slices (what training would have done), never on validation slices."""
+    prior = network.intensity_prior
+    saved = any(key.startswith("intensity_prior.") for key in read_network_state(checkpoint))
+    if not network.has_intensity_prior or saved:
+        load_network_checkpoint(checkpoint, network)
+        return
+    network.intensity_prior = None
+    load_network_checkpoint(checkpoint, network)
+    network.intensity_prior = prior
+    fit_intensity_prior(network, config.get_parsed_content("normal_statistics#dataloader", lazy=False))
+
+
 @torch.inference_mode()
-def validation_scores(network: torch.nn.Module, loader, score_mode: str) -> dict[str, float]:
-    """Pixel AUROC inside the organ and slice AUROC of ``network`` on the validation loader."""
+def validation_scores(network: torch.nn.Module, loader, score_mode: str, distillation_maps: list | None = None) -> dict[str, float]:
+    """Pixel AUROC inside the organ and slice AUROC of ``network`` on the validation loader. ``distillation_maps``:
+    the network's maps without its intensity prior, per batch, when already computed (the prior is then applied
+    to them, which gives the same maps as a forward pass)."""
     network.eval()
     inside_maps, inside_masks, scores, labels = [], [], [], []
-    for batch in loader:
-        maps = network(batch["image"])
+    for index, batch in enumerate(loader):
+        if distillation_maps is None:
+            maps = network(batch["image"])
+        else:
+            maps = network.intensity_prior(batch["image"], distillation_maps[index]) if network.has_intensity_prior else distillation_maps[index]
         scores.append(image_score(maps, score_mode).reshape(-1))
         labels.append(torch.as_tensor(batch["label"]).reshape(-1))
         foreground = batch["foreground"] > 0 if "foreground" in batch else torch.ones_like(maps, dtype=torch.bool)
@@ -133,13 +163,19 @@ def main() -> None:
         loader = torch.utils.data.DataLoader(dataset, batch_size=16)
         print(f"{fold}: {len(loader.dataset)} validation slices", flush=True)
         defaults = {key: config[key] for settings in variants.values() for key in settings}
+        distillation_maps = None
         for variant, settings in variants.items():
             config.update({**defaults, **settings})
             network = config.get_parsed_content("network_def", lazy=False)
-            load_network_checkpoint(os.path.join(fold_dir, "model.pt"), network)
+            load_with_prior(network, os.path.join(fold_dir, "model.pt"), config)
             if "map_sigma" in settings:  # the checkpoint's sigma was loaded with the weights
                 network.map_generator.smooth = GaussianFilter(2, settings["map_sigma"])
-            results[variant][fold] = validation_scores(network, loader, config["score_mode"])
+            # a prior changes only what follows the student's map: its variants reuse the default's maps
+            if not settings and not network.has_intensity_prior:
+                with torch.inference_mode():
+                    distillation_maps = [network.eval().distillation_map(batch["image"]) for batch in loader]
+            reuse = distillation_maps if set(settings) <= PRIOR_KEYS else None
+            results[variant][fold] = validation_scores(network, loader, config["score_mode"], reuse)
             print(f"  {variant}: {results[variant][fold]}", flush=True)
 
     lines = ["| variant | validation pixel AUROC in organ (mean) | validation slice AUROC (mean) | per fold (pixel / slice) |", "|---|---|---|---|"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -457,6 +459,7 @@ def test_medical_bundle_end_to_end(phantoms, tmp_path):
     assert set(metrics["test_cases"]).isdisjoint(metrics["training_cases"])
     assert {"slice_auroc", "voxel_auroc", "aupro", "dice"} <= set(metrics["metrics"])
     assert {"intensity_bright", "intensity_dark", "intensity_histogram", "feature_knn"} == set(metrics["baselines"])
+    assert "intensity prior" in metrics["map"]  # the brain MRI default, chosen on the BraTS rotation's validation
     assert set(metrics["per_case"]) == set(metrics["test_cases"]) and "model" in metrics["per_case"][metrics["test_cases"][0]]
     report = (output / "eval" / "report.html").read_text()  # slice ROC, histograms and the per-volume table
     assert report.count("<svg") == 2 and all(f"{name}_anomaly_map.nii.gz" in report for name in metrics["test_cases"])
@@ -483,6 +486,55 @@ def test_medical_bundle_with_slice_context_trains_and_evaluates(phantoms, tmp_pa
     assert record["fingerprint"]["settings"]["threshold_source"] == "lesion_dice"
     metrics = json.loads((output / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["metrics"]["voxel_auroc"] <= 1.0 and set(metrics["baselines"]) == {"intensity_bright"}
+
+
+def test_medical_bundle_with_the_intensity_prior_saves_it_and_exports_it(phantoms, tmp_path, capsys):
+    """The intensity prior (the brain MRI default): fitted during training, saved in model.pt, evaluated, refused by a config
+    without it, carried by the exported bundle's configs and TorchScript model."""
+    output = tmp_path / "run"
+    common = ["--bundle_root", "multiad_medical", "--dataset_dir", phantoms, "--output_dir", str(output), "--set", "image_size=64"]
+    prior = ["--set", "intensity_prior_weight=0.5", "--set", "intensity_prior_tail=upper"]
+    small = ["--set", "num_epochs=1", "--set", "min_epoch_length=2", "--set", "val_interval=1", "--set", 'baselines=["intensity_bright"]']
+    assert main(["demo", *common, *small, *prior]) == 0
+    state = torch.load(output / "model.pt", weights_only=True)["network"]
+    assert float(state["intensity_prior.prior_weight"]) == 0.5 and state["intensity_prior.tails"].tolist() == [1.0, 0.0]
+    assert all(np.isfinite(float(state[f"intensity_prior.{name}"])) for name in ("map_reference", "intensity_median", "intensity_high"))
+    assert np.isfinite(float(state["threshold"]))
+    metrics = json.loads((output / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics["metrics"]["voxel_auroc"] <= 1.0
+    described = "intensity prior, beyond the method (weight 0.5, upper tail, sum)"
+    assert described in metrics["map"] and described in (output / "eval" / "report.html").read_text()
+    capsys.readouterr()
+    scan = os.path.join(phantoms, metrics["test_cases"][0], "flair.nii.gz")
+    assert main(["infer", *common, "--set", f"input_path={scan}", "--set", "intensity_prior_weight=0"]) == 2  # no prior in that config
+    assert "intensity_prior" in capsys.readouterr().err
+    exported = tmp_path / "exported"
+    assert main(["export", "--output_dir", str(output), "--bundle_dir", str(exported)]) == 0
+    inference = json.loads((exported / "configs" / "inference.json").read_text())
+    assert inference["intensity_prior_weight"] == 0.5 and inference["intensity_prior_tail"] == "upper"
+    scripted = torch.jit.load(str(exported / "models" / "model.ts"))
+    assert float(scripted.intensity_prior.map_reference) == float(state["intensity_prior.map_reference"])
+
+
+def test_a_prior_added_after_training_equals_one_trained_with_it(phantoms, tmp_path):
+    """scripts/add_intensity_prior.py (how the BraTS rotation measured the prior without retraining) gives the
+    weights, prior statistics and threshold that training with the prior gives."""
+    small = ["--bundle_root", "multiad_medical", "--dataset_dir", phantoms, "--set", "image_size=64", "--set", "num_epochs=2",
+             "--set", "min_epoch_length=2", "--set", "val_interval=1"]
+    prior = ["--set", "intensity_prior_weight=0.5", "--set", "intensity_prior_tail=upper"]
+    assert main(["train", *small, *prior, "--output_dir", str(tmp_path / "trained" / "fold")]) == 0
+    assert main(["train", *small, "--set", "intensity_prior_weight=0", "--output_dir", str(tmp_path / "added" / "fold")]) == 0
+    assert not any(key.startswith("intensity_prior.") for key in torch.load(tmp_path / "added" / "fold" / "model.pt", weights_only=True)["network"])
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "add_intensity_prior.py")
+    result = subprocess.run([sys.executable, script, "--dataset_dir", phantoms, "--output_dir", str(tmp_path / "added"), "--name", "prior",
+                             "--set", "image_size=64", *prior],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trained = torch.load(tmp_path / "trained" / "fold" / "model.pt", weights_only=True)["network"]
+    added = torch.load(tmp_path / "added" / "fold" / "model_prior.pt", weights_only=True)["network"]
+    assert set(trained) == set(added) and "intensity_prior.map_reference" in added
+    for key in trained:
+        torch.testing.assert_close(added[key], trained[key], msg=key)
 
 
 def test_medical_bundle_bad_dataset_is_one_line(tmp_path, capsys):

@@ -1,3 +1,5 @@
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from multiad_monai.networks import (
     LITE_INPUT_STD,
     EfficientNetLiteEncoder,
     FeatureDiscriminator,
+    IntensityPrior,
     LearnedFusion,
     MultiAD,
     SEResNetEncoder,
@@ -17,6 +20,7 @@ from multiad_monai.networks import (
     input_std,
     lite_weights_path,
 )
+from multiad_monai.handlers import fit_intensity_prior
 from multiad_monai.networks.efficientnet_lite import _lite_block_strings, _use_relu6, load_lite_weights
 
 
@@ -172,3 +176,59 @@ def test_input_statistics():
     assert np.allclose(input_std("se-resnet50"), (0.229, 0.224, 0.225))
     with pytest.raises(ValueError, match="unknown teacher"):
         input_mean("vgg")
+
+
+def test_intensity_prior_is_off_at_weight_zero_and_mixes_scaled_terms():
+    off = IntensityPrior(weight=0.0)
+    amap = torch.rand(2, 1, 8, 8)
+    assert not off.state_dict() and off(torch.rand(2, 3, 8, 8), amap) is amap
+    for bad in ({"weight": 1.0}, {"weight": -0.1}, {"tail": "left"}, {"quantile": 0.5}):
+        with pytest.raises(ValueError):
+            IntensityPrior(**{"weight": 0.5, **bad})
+    prior = IntensityPrior(weight=0.5, tail="upper", channel=0)
+    unfitted = torch.rand(1, 1, 2, 2)  # an untrained network's map passes through (MONAI's verify_net_in_out)
+    assert torch.equal(prior(torch.zeros(1, 3, 2, 2), unfitted), unfitted)
+    with pytest.raises(ValueError, match="low < median < high"):
+        prior.set_statistics(0.2, 0.0, 0.0, 1.0)
+    prior.set_statistics(map_reference=0.2, median=0.0, low=-1.0, high=1.0)
+    brightness = torch.tensor([0.0, 1.0, 3.0, -2.0]).reshape(1, 1, 2, 2)
+    images = torch.cat([brightness, torch.zeros_like(brightness), torch.zeros_like(brightness)], dim=1)
+    mixed = prior(images, torch.full((1, 1, 2, 2), 0.2))
+    # the map is 1 at its reference; brightness counts in normal spreads above the median, linearly beyond
+    assert torch.allclose(mixed.flatten(), torch.tensor([0.5, 1.0, 2.0, 0.5]))
+    both = IntensityPrior(weight=0.5, tail="both", channel=0)
+    both.load_state_dict({**prior.state_dict(), "tails": both.tails})
+    assert torch.allclose(both(images, torch.full((1, 1, 2, 2), 0.2)).flatten(), torch.tensor([0.5, 1.0, 2.0, 1.5]))
+    product = IntensityPrior(weight=0.5, tail="upper", channel=0, combination="product")
+    product.load_state_dict({**prior.state_dict(), "is_product": product.is_product})
+    # brightness raises what the map finds: a zero map stays zero however bright the pixel
+    maps = torch.tensor([0.2, 0.2, 0.0, 0.8]).reshape(1, 1, 2, 2)
+    expected = torch.tensor([1.0, 2**0.5, 0.0, 2.0])
+    assert torch.allclose(product(images, maps).flatten(), expected)
+    with pytest.raises(ValueError, match="combination"):
+        IntensityPrior(weight=0.5, combination="max")
+
+
+def test_intensity_prior_is_fitted_on_foreground_pixels_and_exports(tmp_path):
+    torch.manual_seed(0)
+    prior = IntensityPrior(weight=0.25, tail="upper")
+    network = MultiAD(EfficientNetLiteEncoder(), EfficientNetLiteEncoder(pretrained=False), intensity_prior=prior).eval()
+    images = torch.full((4, 3, 64, 64), -5.0)  # background, outside the foreground
+    images[:, :, 16:48, 16:48] = torch.rand(4, 1, 32, 32)
+    foreground = torch.zeros(4, 1, 64, 64)
+    foreground[:, :, 16:48, 16:48] = 1
+    assert fit_intensity_prior(network, [{"image": images, "foreground": foreground}]) == 4
+    assert 0.0 <= float(prior.intensity_low) < float(prior.intensity_median) < float(prior.intensity_high) <= 1.0
+    with torch.no_grad():
+        plain = network.distillation_map(images)
+        assert float(prior.map_reference) == pytest.approx(float(plain[foreground > 0].quantile(0.99)), rel=0.05)
+        mixed = network(images)
+        assert torch.allclose(mixed, 0.75 * plain / prior.map_reference + 0.25 * prior.intensity_term(images))
+        traced = torch.jit.trace(network, images[:1])
+        assert torch.allclose(traced(images), mixed, atol=1e-5)
+    assert {"intensity_prior.map_reference", "intensity_prior.prior_weight"} <= set(network.state_dict())
+    if importlib.util.find_spec("onnxruntime") is not None:
+        from multiad_monai.inferers.onnx_model import OnnxAnomalyNetwork, export_onnx
+
+        path = export_onnx(network, str(tmp_path / "model.onnx"), image_size=64)
+        assert torch.allclose(OnnxAnomalyNetwork(path)(images), mixed, atol=1e-4)

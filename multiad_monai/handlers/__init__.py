@@ -3,6 +3,7 @@ from .threshold import THRESHOLD_SOURCES, LesionDiceThresholdHandler, NormalThre
 from .writers import MetricsJSONWriter, OverlayWriter, ScoreTableWriter, atomic_write_text, normalized_score
 from .fusion_fit import FusionFitHandler, fit_learned_fusion
 from .normal_statistics import NormalStatisticsHandler, fit_normal_statistics
+from .intensity_prior import IntensityPriorHandler, fit_intensity_prior
 from .volume_writer import VolumeOutputWriter
 from .dicom_writer import DicomOutputWriter
 from .resume import RandomStates, ResumeHandler

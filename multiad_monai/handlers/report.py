@@ -7,7 +7,7 @@ import heapq
 import html
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import ignite.distributed as idist
 import numpy as np
@@ -292,10 +292,15 @@ class VolumeEvaluationReportWriter:
     Args:
         output_dir: folder of ``report.html`` (the evaluation folder, beside the NIfTI maps it links to).
         axis, min_foreground: as the volume metrics.
+        map_description: what the map is made of, shown under the title: a text, or a callable read when the
+            report is written (``MultiAD.map_description``, after the checkpoint was loaded).
     """
 
-    def __init__(self, output_dir: str, axis: int = 2, min_foreground: float = 0.1) -> None:
+    def __init__(
+        self, output_dir: str, axis: int = 2, min_foreground: float = 0.1, map_description: str | Callable[[], str] = ""
+    ) -> None:
         self.output_dir = output_dir
+        self.map_description = map_description
         self.axis = axis
         self.min_foreground = min_foreground
 
@@ -345,7 +350,9 @@ class VolumeEvaluationReportWriter:
                 f"<h2>Slice score histograms</h2><p>blue: normal, red: with lesion, dashed: threshold</p>"
                 f"{histogram_svg(scores, labels, threshold)}"
             )
-        body = f"""{plots}
+        description = self.map_description() if callable(self.map_description) else self.map_description
+        described = f"<p>Map: {html.escape(description)}</p>" if description else ""
+        body = f"""{described}{plots}
 <h2>Volumes</h2><table><tr>{"".join(f"<th>{h}</th>" for h in header)}</tr>{"".join(rows)}</table>"""
         page = _report_page("Multi-AD volume evaluation", engine.state.metrics, body)
         atomic_write_text(os.path.join(self.output_dir, "report.html"), page)

@@ -106,7 +106,8 @@ class MetricsJSONWriter:
 
     Args:
         output_path: the JSON file.
-        extra: constant entries written beside the metrics (e.g. the data set and the checkpoint).
+        extra: entries written beside the metrics (e.g. the data set and the checkpoint); a callable value is
+            called when writing (e.g. ``MultiAD.map_description``, once the checkpoint is loaded).
     """
 
     def __init__(self, output_path: str, extra: dict | None = None) -> None:
@@ -129,7 +130,8 @@ class MetricsJSONWriter:
         if "image_auroc" in metrics and "pixel_auroc" not in metrics:  # an image-level test set (good / defect folders)
             notes["notes"] = [PIXEL_METRICS_SKIPPED]
             logging.getLogger(__name__).info(PIXEL_METRICS_SKIPPED)
-        content = {**self.extra, "metrics": metrics, **notes, **tables}
+        extra = {key: value() if callable(value) else value for key, value in self.extra.items()}
+        content = {**extra, "metrics": metrics, **notes, **tables}
         atomic_write_text(self.output_path, json.dumps(content, indent=2) + "\n")
         logging.getLogger(__name__).info(f"metrics written to {self.output_path}")
 

@@ -55,7 +55,9 @@ class NormalFitScore(Metric):
         network: the :class:`MultiAD` being validated. Needed only when its map generator has
             ``level_normalization="pixel"``: its maps are then z-scores against the training images, which
             grow as the student fits the training set better than unseen images, so the score is taken on
-            the raw ``1 - cos`` level maps instead (one extra forward pass over the normal images).
+            the raw ``1 - cos`` level maps instead (one extra forward pass over the normal images). With an
+            intensity prior (rescaled at every validation, and holding the images' brightness) the score is
+            taken on the map without it, so the prior never changes which checkpoint training keeps.
     """
 
     def __init__(self, output_transform: Callable = lambda output: output, network: torch.nn.Module | None = None) -> None:
@@ -70,6 +72,11 @@ class NormalFitScore(Metric):
             teacher, student = self.network.features(images.to(device))
             return generator.raw_level_maps(teacher, student, images.shape[2:]).float().cpu()
 
+    def _distillation_maps(self, images: torch.Tensor) -> torch.Tensor:
+        device = next(self.network.parameters()).device
+        with eval_mode(self.network), torch.inference_mode():
+            return self.network.distillation_map(images.to(device)).float().cpu()
+
     @reinit__is_reduced
     def reset(self) -> None:
         self._sum = torch.zeros((), dtype=torch.float64)
@@ -83,6 +90,9 @@ class NormalFitScore(Metric):
         if bool(normal.any()):
             if self.network is not None and getattr(self.network.map_generator, "level_normalization", "none") == "pixel":
                 maps = self._raw_maps(torch.as_tensor(output["image"])[normal])
+                normal = torch.ones(maps.shape[0], dtype=torch.bool)
+            elif self.network is not None and getattr(self.network, "has_intensity_prior", False):
+                maps = self._distillation_maps(torch.as_tensor(output["image"])[normal])
                 normal = torch.ones(maps.shape[0], dtype=torch.bool)
             self._sum += maps[normal].mean(dim=tuple(range(1, maps.ndim))).double().sum()
             self._count += float(normal.sum())

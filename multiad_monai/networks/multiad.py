@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from multiad_monai.inferers.anomaly_map import AnomalyMapGenerator
+from multiad_monai.networks.intensity_prior import IntensityPrior
 
 __all__ = ["MultiAD"]
 
@@ -21,8 +22,10 @@ class MultiAD(nn.Module):
         test_time_flip: the map is the mean of the maps of the image and of its mirror image (flipped along
             the last spatial axis, left-right for axial slices, and flipped back): twice the inference cost,
             and the student's errors that are not mirror-symmetric average out. Training is unchanged.
+        intensity_prior: optional :class:`IntensityPrior` mixed into the map (beyond the method; off by default).
 
-    ``forward(images)`` with images ``(B, C, H, W[, D])`` returns the anomaly map ``(B, 1, H, W[, D])``.
+    ``forward(images)`` with images ``(B, C, H, W[, D])`` returns the anomaly map ``(B, 1, H, W[, D])``;
+    :meth:`distillation_map` the map of the method alone (without the intensity prior).
     Buffers ``threshold`` (anomalous when the image score, or a pixel of the map, is at or above it) and
     ``score_scale`` (spread of normal scores, for 0-1 normalised scores) are NaN until estimated.
     """
@@ -34,6 +37,7 @@ class MultiAD(nn.Module):
         discriminator: nn.Module | None = None,
         map_generator: AnomalyMapGenerator | None = None,
         test_time_flip: bool = False,
+        intensity_prior: IntensityPrior | None = None,
     ) -> None:
         super().__init__()
         t_channels, s_channels = list(teacher.out_channels), list(student.out_channels)
@@ -44,6 +48,7 @@ class MultiAD(nn.Module):
         self.discriminator = discriminator
         self.map_generator = map_generator if map_generator is not None else AnomalyMapGenerator(num_levels=len(t_channels))
         self.test_time_flip = test_time_flip
+        self.intensity_prior = intensity_prior
         # set from normal validation images (NormalThresholdHandler) and saved with the weights
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.register_buffer("score_scale", torch.tensor(float("nan")))
@@ -64,7 +69,22 @@ class MultiAD(nn.Module):
         teacher_features, student_features = self.features(images)
         return self.map_generator(teacher_features, student_features, images.shape[2:])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def distillation_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher-student map, flipped at test time when ``test_time_flip``: ``(B, 1, *spatial)``."""
         if not self.test_time_flip:
             return self.single_map(images)
         return 0.5 * (self.single_map(images) + self.single_map(images.flip(-1)).flip(-1))
+
+    @property
+    def has_intensity_prior(self) -> bool:
+        return self.intensity_prior is not None and self.intensity_prior.enabled
+
+    def map_description(self) -> str:
+        """One line naming what the map is made of, for reports: whether the intensity prior is in it."""
+        if not self.has_intensity_prior:
+            return "Multi-AD map (teacher-student distillation)"
+        return f"Multi-AD map mixed with an intensity prior, beyond the method ({self.intensity_prior.describe()})"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        anomaly_map = self.distillation_map(images)
+        return self.intensity_prior(images, anomaly_map) if self.has_intensity_prior else anomaly_map
