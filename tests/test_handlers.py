@@ -120,3 +120,23 @@ def test_normal_fit_score_uses_raw_maps_under_pixel_normalization():
     plain = NormalFitScore()
     plain.update(output)
     assert plain.compute() == pytest.approx(5.0)
+
+
+def test_normal_fit_score_ignores_the_intensity_prior():
+    class Network(torch.nn.Module):
+        has_intensity_prior = True
+
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+            self.map_generator = AnomalyMapGenerator(num_levels=1, sigma=0)
+
+        def distillation_map(self, images):
+            return images[:, :1] * self.scale
+
+    images = torch.rand(3, 3, 4, 4)
+    # the evaluator's map holds the prior; the checkpoint score must be the one of the map without it
+    output = {"image": images, "anomaly_map": torch.full((3, 1, 4, 4), 9.0), "label": torch.tensor([0, 1, 0])}
+    metric = NormalFitScore(network=Network())
+    metric.update(output)
+    assert metric.compute() == pytest.approx(-float(images[[0, 2], :1].mean()), rel=1e-5)

@@ -64,18 +64,17 @@ class NormalFitScore(Metric):
         super().__init__(output_transform=output_transform)
         self.network = network
 
-    def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
-        generator = self.network.map_generator
+    def _maps_of(self, images: torch.Tensor, raw_levels: bool) -> torch.Tensor:
+        """The network's maps of ``images`` without the parts that change with training statistics: the raw
+        ``1 - cos`` level maps (``raw_levels``) or the map without the intensity prior."""
         device = next(self.network.parameters()).device
         # the metric runs after the evaluator's iteration, when the network may be back in training mode
         with eval_mode(self.network), torch.inference_mode():
-            teacher, student = self.network.features(images.to(device))
-            return generator.raw_level_maps(teacher, student, images.shape[2:]).float().cpu()
-
-    def _distillation_maps(self, images: torch.Tensor) -> torch.Tensor:
-        device = next(self.network.parameters()).device
-        with eval_mode(self.network), torch.inference_mode():
-            return self.network.distillation_map(images.to(device)).float().cpu()
+            images = images.to(device)
+            if not raw_levels:
+                return self.network.distillation_map(images).float().cpu()
+            teacher, student = self.network.features(images)
+            return self.network.map_generator.raw_level_maps(teacher, student, images.shape[2:]).float().cpu()
 
     @reinit__is_reduced
     def reset(self) -> None:
@@ -88,11 +87,9 @@ class NormalFitScore(Metric):
         labels = output.get("label")
         normal = torch.ones(maps.shape[0], dtype=torch.bool) if labels is None else torch.as_tensor(labels).reshape(-1).cpu() == 0
         if bool(normal.any()):
-            if self.network is not None and getattr(self.network.map_generator, "level_normalization", "none") == "pixel":
-                maps = self._raw_maps(torch.as_tensor(output["image"])[normal])
-                normal = torch.ones(maps.shape[0], dtype=torch.bool)
-            elif self.network is not None and getattr(self.network, "has_intensity_prior", False):
-                maps = self._distillation_maps(torch.as_tensor(output["image"])[normal])
+            raw_levels = self.network is not None and getattr(self.network.map_generator, "level_normalization", "none") == "pixel"
+            if raw_levels or (self.network is not None and getattr(self.network, "has_intensity_prior", False)):
+                maps = self._maps_of(torch.as_tensor(output["image"])[normal], raw_levels)
                 normal = torch.ones(maps.shape[0], dtype=torch.bool)
             self._sum += maps[normal].mean(dim=tuple(range(1, maps.ndim))).double().sum()
             self._count += float(normal.sum())
