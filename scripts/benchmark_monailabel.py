@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--study", required=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runtime", default="torch", help="the app's --conf runtime: torch, or onnx (onnxruntime, CPU)")
+    parser.add_argument("--settings", default=None, help="the app's --conf settings, a JSON object of bundle keys")
     args = parser.parse_args()
     studies = tempfile.mkdtemp(prefix="studies_")
     shutil.copy(args.study, os.path.join(studies, "study.nii.gz"))
@@ -62,6 +63,8 @@ def main() -> None:
         "--studies", studies, "--conf", "model", os.path.abspath(args.checkpoint), "--conf", "runtime", args.runtime,
         "--host", "127.0.0.1", "--port", str(port),
     ]
+    if args.settings:
+        command += ["--conf", "settings", args.settings]
     environment = {**os.environ, "PATH": os.path.join(args.env, "bin") + os.pathsep + os.environ["PATH"]}
     start = time.perf_counter()
     server = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -88,6 +91,7 @@ def main() -> None:
         report["network_builds"] = json.loads(urllib.request.urlopen(request, timeout=600).read()).get("network_builds")
         report["study"] = os.path.abspath(args.study)
         report["runtime"] = args.runtime
+        report["settings"] = args.settings
         print(json.dumps(report, indent=2))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
