@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--study", required=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runtime", default="torch", help="the app's --conf runtime: torch, or onnx (onnxruntime, CPU)")
-    parser.add_argument("--settings", default=None, help="the app's --conf settings, a JSON object of bundle keys")
+    parser.add_argument("--settings", default=None, help="the app's --conf settings: a JSON object of bundle keys, without spaces")
     args = parser.parse_args()
     studies = tempfile.mkdtemp(prefix="studies_")
     shutil.copy(args.study, os.path.join(studies, "study.nii.gz"))
@@ -94,8 +94,9 @@ def main() -> None:
         report["settings"] = args.settings
         print(json.dumps(report, indent=2))
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        if server.poll() is None:  # a server that stopped at start has no process group left to end
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
         shutil.rmtree(studies, ignore_errors=True)
 
 

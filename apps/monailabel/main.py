@@ -2,7 +2,9 @@
 
     monailabel start_server --app apps/monailabel --studies /data/studies \
         --conf model runs/brain/model.pt [--conf bundle multiad_medical] [--conf overrides liver_ct.json] \
-        [--conf settings '{"image_size": 256}'] [--conf runtime onnx]
+        [--conf settings '{"image_size":256}'] [--conf runtime onnx]
+
+(``settings`` without spaces: the ``monailabel`` launcher splits its arguments on them.)
 
 The infer task ``multiad`` runs the bundle's ``inference.json`` (the bundle is the single source of
 truth) and returns the thresholded anomaly mask as the label, with the scores in the result JSON (see
