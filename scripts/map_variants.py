@@ -35,8 +35,7 @@ from monai.networks.layers import GaussianFilter
 
 from multiad_monai.apps.cli import bundle_configs
 from multiad_monai.data import read_run_record
-from multiad_monai.handlers import fit_intensity_prior, lesion_validation_set, load_network_checkpoint
-from multiad_monai.handlers.checkpoint import read_network_state
+from multiad_monai.handlers import fit_intensity_prior, lesion_validation_set, load_network_state, read_network_state
 from multiad_monai.inferers.anomaly_map import image_score
 from multiad_monai.metrics import f1_max, image_auroc, pixel_auroc
 
@@ -100,13 +99,12 @@ def lesion_slice_dataset(config: ConfigParser) -> list[dict]:
 def load_with_prior(network: torch.nn.Module, checkpoint: str, config: ConfigParser) -> None:
     """Load ``checkpoint``; an enabled intensity prior that the checkpoint does not hold is fitted afterwards on
     the fold's normal training slices (what training would have done), never on validation slices."""
-    prior = network.intensity_prior
-    saved = any(key.startswith("intensity_prior.") for key in read_network_state(checkpoint))
-    if not network.has_intensity_prior or saved:
-        load_network_checkpoint(checkpoint, network)
+    prior, state = network.intensity_prior, read_network_state(checkpoint)
+    if not network.has_intensity_prior or any(key.startswith("intensity_prior.") for key in state):
+        load_network_state(state, network, checkpoint)
         return
     network.intensity_prior = None
-    load_network_checkpoint(checkpoint, network)
+    load_network_state(state, network, checkpoint)
     network.intensity_prior = prior
     fit_intensity_prior(network, config.get_parsed_content("normal_statistics#dataloader", lazy=False))
 

@@ -6,7 +6,7 @@ from monai.data import DataLoader, Dataset
 from multiad_monai.data import mvtec_datalist
 from multiad_monai.handlers import fit_learned_fusion, fit_normal_statistics, normalized_score, render_overlay
 from multiad_monai.inferers import AnomalyMapGenerator
-from multiad_monai.networks import EfficientNetLiteEncoder, MultiAD, input_mean, input_std
+from multiad_monai.networks import EfficientNetLiteEncoder, IntensityPrior, MultiAD, input_mean, input_std
 from multiad_monai.metrics import NormalFitScore
 from multiad_monai.transforms import image_transforms_2d, validation_transforms_2d
 
@@ -128,15 +128,47 @@ def test_normal_fit_score_ignores_the_intensity_prior():
 
         def __init__(self):
             super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(()))
             self.map_generator = AnomalyMapGenerator(num_levels=1, sigma=0)
+            self.intensity_prior = IntensityPrior(weight=0.5, tail="upper", channel=0)
+            self.intensity_prior.set_statistics(map_reference=0.3, median=0.5, low=0.1, high=0.9)
 
-        def distillation_map(self, images):
-            return images[:, :1] * self.scale
-
-    images = torch.rand(3, 3, 4, 4)
+    network = Network()
+    images, distillation = torch.rand(3, 3, 4, 4), torch.rand(3, 1, 4, 4)
     # the evaluator's map holds the prior; the checkpoint score must be the one of the map without it
-    output = {"image": images, "anomaly_map": torch.full((3, 1, 4, 4), 9.0), "label": torch.tensor([0, 1, 0])}
-    metric = NormalFitScore(network=Network())
+    mixed = network.intensity_prior(images, distillation)
+    output = {"image": images, "anomaly_map": mixed, "label": torch.tensor([0, 1, 0])}
+    metric = NormalFitScore(network=network)
     metric.update(output)
-    assert metric.compute() == pytest.approx(-float(images[[0, 2], :1].mean()), rel=1e-5)
+    assert metric.compute() == pytest.approx(-float(distillation[[0, 2]].mean()), rel=1e-5)
+    assert metric.compute() != pytest.approx(-float(mixed[[0, 2]].mean()), rel=1e-3)
+
+
+def test_periodic_refit_handlers_attach_only_for_their_part_and_refit_every_interval(caplog):
+    from ignite.engine import Engine, Events
+
+    from multiad_monai.handlers import FusionFitHandler, IntensityPriorHandler, NormalStatisticsHandler, PeriodicRefitHandler
+
+    plain = MultiAD(EfficientNetLiteEncoder(pretrained=False), EfficientNetLiteEncoder(pretrained=False))
+    for handler_type in (FusionFitHandler, IntensityPriorHandler, NormalStatisticsHandler):
+        engine = Engine(lambda engine, batch: None)
+        handler_type(plain, data_loader=[], interval=2).attach(engine)
+        assert not engine.has_event_handler(Events.EPOCH_COMPLETED), handler_type.__name__
+        with pytest.raises(ValueError, match="interval must be at least 1"):
+            handler_type(plain, data_loader=[], interval=0)
+
+    class Counting(PeriodicRefitHandler):
+        def applies(self):
+            return True
+
+        def refit(self, device):
+            self.epochs.append(engine.state.epoch)
+            return f"refitted on {device}"
+
+    engine = Engine(lambda engine, batch: None)
+    engine.state.device = "cpu"
+    counting = Counting(plain, data_loader=[], interval=2)
+    counting.epochs = []
+    counting.attach(engine)
+    with caplog.at_level("INFO"):
+        engine.run([0], max_epochs=5)
+    assert counting.epochs == [2, 4] and "refitted on cpu" in caplog.text

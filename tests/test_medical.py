@@ -473,19 +473,25 @@ def test_medical_bundle_end_to_end(phantoms, tmp_path):
 
 
 def test_medical_bundle_with_slice_context_trains_and_evaluates(phantoms, tmp_path):
-    """2.5D input: three-channel volumes through training, evaluation and the brightness baseline of the centre
-    slice; the threshold from the training patients' lesion slices."""
+    """2.5D input (the ``brain_2p5d.json`` preset): three-channel volumes through training, evaluation, the
+    intensity prior and the brightness baseline of the centre slice; the threshold from the training patients'
+    lesion slices."""
     output = tmp_path / "run"
     common = ["--bundle_root", "multiad_medical", "--dataset_dir", phantoms, "--output_dir", str(output)]
     small = ["--set", "image_size=64", "--set", "num_epochs=1", "--set", "min_epoch_length=2"]
-    context = ["--set", "slice_context=2", "--set", "intensity_channel=1", "--set", 'baselines=["intensity_bright"]',
+    context = ["--override", "brain_2p5d.json", "--set", 'baselines=["intensity_bright"]',
                "--set", "threshold_source=lesion_dice", "--set", "val_interval=1"]
     assert main(["demo", *common, *small, *context]) == 0
-    record = json.loads((output / "run.json").read_text())
-    assert record["fingerprint"]["settings"]["slice_context"] == 2
-    assert record["fingerprint"]["settings"]["threshold_source"] == "lesion_dice"
+    settings = json.loads((output / "run.json").read_text())["fingerprint"]["settings"]
+    assert settings["slice_context"] == 2 and settings["intensity_channel"] == 1
+    assert settings["threshold_source"] == "lesion_dice"
     metrics = json.loads((output / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["metrics"]["voxel_auroc"] <= 1.0 and set(metrics["baselines"]) == {"intensity_bright"}
+    assert "intensity prior" in metrics["map"]  # the prior scores the centre slice's brightness
+    exported = tmp_path / "exported"
+    assert main(["export", "--output_dir", str(output), "--bundle_dir", str(exported), "--format", "torchscript"]) == 0
+    inference = json.loads((exported / "configs" / "inference.json").read_text())
+    assert inference["slice_context"] == 2 and inference["intensity_channel"] == 1
 
 
 def test_medical_bundle_with_the_intensity_prior_saves_it_and_exports_it(phantoms, tmp_path, capsys):

@@ -205,6 +205,10 @@ def test_intensity_prior_is_off_at_weight_zero_and_mixes_scaled_terms():
     maps = torch.tensor([0.2, 0.2, 0.0, 0.8]).reshape(1, 1, 2, 2)
     expected = torch.tensor([1.0, 2**0.5, 0.0, 2.0])
     assert torch.allclose(product(images, maps).flatten(), expected)
+    # unmix recovers the map from the mixed one and the images (what NormalFitScore scores)
+    for mixer, original in ((prior, maps), (both, maps), (product, maps), (product, torch.rand(1, 1, 2, 2))):
+        assert torch.allclose(mixer.unmix(images, mixer(images, original)), original, atol=1e-6)
+    assert torch.equal(IntensityPrior(weight=0.5).unmix(images, unfitted), unfitted)
     with pytest.raises(ValueError, match="combination"):
         IntensityPrior(weight=0.5, combination="max")
 

@@ -48,6 +48,7 @@ def test_the_wheel_carries_both_bundles(wheel):
             assert f"multiad_monai/bundles/{bundle}/{name}" in names, (bundle, name)
     assert "multiad_monai/bundles/multiad_2d/configs/retina_oct.json" in names
     assert "multiad_monai/bundles/multiad_medical/configs/liver_ct.json" in names
+    assert "multiad_monai/bundles/multiad_medical/configs/brain_2p5d.json" in names
 
 
 @pytest.mark.slow

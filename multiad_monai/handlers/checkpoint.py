@@ -12,7 +12,7 @@ from ignite.engine import Engine
 from multiad_monai.data.errors import CheckpointError, first_line
 from multiad_monai.data.run_record import check_model_fingerprint
 
-__all__ = ["NetworkCheckpointLoader", "load_network_checkpoint", "load_exported_network", "read_network_state"]
+__all__ = ["NetworkCheckpointLoader", "load_network_checkpoint", "load_network_state", "load_exported_network", "read_network_state"]
 
 
 def read_network_state(path: str, map_location: str | torch.device = "cpu") -> Any:
@@ -44,7 +44,12 @@ def load_network_checkpoint(path: str, network: torch.nn.Module, map_location: s
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (train a model first, or set ckpt_path).")
-    state = read_network_state(path, map_location)
+    load_network_state(read_network_state(path, map_location), network, path)
+
+
+def load_network_state(state: Any, network: torch.nn.Module, path: str) -> None:
+    """Load ``state``, already read from ``path`` by :func:`read_network_state`, into ``network``, with the checks
+    and errors of :func:`load_network_checkpoint` (for callers that looked into the state first)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of weights.")
     expected = network.state_dict()

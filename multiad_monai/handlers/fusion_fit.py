@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine, Events
 
 from multiad_monai.engines.utils import to_device
+from multiad_monai.handlers.periodic_refit import PeriodicRefitHandler
 
 __all__ = ["FusionFitHandler", "fit_learned_fusion"]
 
@@ -57,7 +55,7 @@ def fit_learned_fusion(
     return float(loss)
 
 
-class FusionFitHandler:
+class FusionFitHandler(PeriodicRefitHandler):
     """Refits the learned fusion head every ``interval`` training epochs (attach it before the
     ``ValidationHandler`` so validation scores the refitted head).
 
@@ -69,16 +67,13 @@ class FusionFitHandler:
     """
 
     def __init__(self, network, data_loader, interval: int = 1, max_images: int = 32, steps: int = 150, learning_rate: float = 0.05) -> None:
-        self.network = network
-        self.data_loader = data_loader
-        self.interval = interval
+        super().__init__(network, data_loader, interval)
         self.kwargs = {"max_images": max_images, "steps": steps, "learning_rate": learning_rate}
 
-    def attach(self, engine: Engine) -> None:
-        if self.network.map_generator.fusion_head is not None:
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+    def applies(self) -> bool:
+        return self.network.map_generator.fusion_head is not None
 
-    def __call__(self, engine: Engine) -> None:
-        loss = fit_learned_fusion(self.network, self.data_loader, engine.state.device, **self.kwargs)
+    def refit(self, device: torch.device | str) -> str:
+        loss = fit_learned_fusion(self.network, self.data_loader, device, **self.kwargs)
         weights = self.network.map_generator.fusion_head.conv.weight.flatten().tolist()
-        logging.getLogger(__name__).info(f"learned fusion refitted: loss {loss:.4f}, level weights {[round(w, 3) for w in weights]}")
+        return f"learned fusion refitted: loss {loss:.4f}, level weights {[round(w, 3) for w in weights]}"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
 
 from multiad_monai.engines.utils import to_device
+from multiad_monai.handlers.periodic_refit import PeriodicRefitHandler
 
 __all__ = ["IntensityPriorHandler", "fit_intensity_prior"]
 
@@ -63,7 +61,7 @@ def fit_intensity_prior(
     return count
 
 
-class IntensityPriorHandler:
+class IntensityPriorHandler(PeriodicRefitHandler):
     """Refits the intensity prior every ``interval`` training epochs, before validation (attach it before the
     ``ValidationHandler``): the map reference follows the student, and the threshold is then set on the mixed map.
 
@@ -76,19 +74,16 @@ class IntensityPriorHandler:
     """
 
     def __init__(self, network, data_loader, interval: int = 1, max_images: int = 64) -> None:
-        self.network = network
-        self.data_loader = data_loader
-        self.interval = interval
+        super().__init__(network, data_loader, interval)
         self.max_images = max_images
 
-    def attach(self, engine: Engine) -> None:
-        if getattr(self.network, "has_intensity_prior", False):
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+    def applies(self) -> bool:
+        return getattr(self.network, "has_intensity_prior", False)
 
-    def __call__(self, engine: Engine) -> None:
-        count = fit_intensity_prior(self.network, self.data_loader, engine.state.device, self.max_images)
+    def refit(self, device: torch.device | str) -> str:
+        count = fit_intensity_prior(self.network, self.data_loader, device, self.max_images)
         prior = self.network.intensity_prior
-        logging.getLogger(__name__).info(
+        return (
             f"intensity prior refitted on {count} images: map reference {float(prior.map_reference):.4f}, brightness "
             f"median {float(prior.intensity_median):.3f} in [{float(prior.intensity_low):.3f}, {float(prior.intensity_high):.3f}]"
         )

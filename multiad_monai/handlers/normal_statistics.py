@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
-from ignite.engine import Engine, Events
 
 from multiad_monai.engines.utils import to_device
+from multiad_monai.handlers.periodic_refit import PeriodicRefitHandler
 
 __all__ = ["NormalStatisticsHandler", "fit_normal_statistics"]
 
@@ -52,7 +50,7 @@ def fit_normal_statistics(
     return int(n.flatten()[0])
 
 
-class NormalStatisticsHandler:
+class NormalStatisticsHandler(PeriodicRefitHandler):
     """Refits the per-pixel normal statistics every ``interval`` training epochs. Attach it before the
     ``FusionFitHandler`` and the ``ValidationHandler``, which then see normalised maps.
 
@@ -65,16 +63,13 @@ class NormalStatisticsHandler:
     """
 
     def __init__(self, network, data_loader, interval: int = 1, max_images: int = 200) -> None:
-        self.network = network
-        self.data_loader = data_loader
-        self.interval = interval
+        super().__init__(network, data_loader, interval)
         self.max_images = max_images
 
-    def attach(self, engine: Engine) -> None:
-        if getattr(self.network.map_generator, "level_normalization", "none") == "pixel":
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+    def applies(self) -> bool:
+        return getattr(self.network.map_generator, "level_normalization", "none") == "pixel"
 
-    def __call__(self, engine: Engine) -> None:
-        count = fit_normal_statistics(self.network, self.data_loader, engine.state.device, self.max_images)
+    def refit(self, device: torch.device | str) -> str:
+        count = fit_normal_statistics(self.network, self.data_loader, device, self.max_images)
         std = self.network.map_generator.normal_std.flatten(1).median(dim=1).values
-        logging.getLogger(__name__).info(f"normal statistics refitted on {count} images; median std per level {[round(s, 4) for s in std.tolist()]}")
+        return f"normal statistics refitted on {count} images; median std per level {[round(s, 4) for s in std.tolist()]}"

@@ -57,24 +57,28 @@ class NormalFitScore(Metric):
             grow as the student fits the training set better than unseen images, so the score is taken on
             the raw ``1 - cos`` level maps instead (one extra forward pass over the normal images). With an
             intensity prior (rescaled at every validation, and holding the images' brightness) the score is
-            taken on the map without it, so the prior never changes which checkpoint training keeps.
+            taken on the map without it (the prior unmixed from the evaluator's map, no extra forward pass), so
+            the prior never changes which checkpoint training keeps.
     """
 
     def __init__(self, output_transform: Callable = lambda output: output, network: torch.nn.Module | None = None) -> None:
         super().__init__(output_transform=output_transform)
         self.network = network
 
-    def _maps_of(self, images: torch.Tensor, raw_levels: bool) -> torch.Tensor:
-        """The network's maps of ``images`` without the parts that change with training statistics: the raw
-        ``1 - cos`` level maps (``raw_levels``) or the map without the intensity prior."""
+    def _raw_level_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The raw ``1 - cos`` level maps of ``images``, which do not change with the normal statistics."""
         device = next(self.network.parameters()).device
         # the metric runs after the evaluator's iteration, when the network may be back in training mode
         with eval_mode(self.network), torch.inference_mode():
             images = images.to(device)
-            if not raw_levels:
-                return self.network.distillation_map(images).float().cpu()
             teacher, student = self.network.features(images)
             return self.network.map_generator.raw_level_maps(teacher, student, images.shape[2:]).float().cpu()
+
+    def _without_prior(self, images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        prior = self.network.intensity_prior
+        with torch.inference_mode():
+            statistics = next(prior.buffers()).device
+            return prior.unmix(images.to(statistics), maps.to(statistics)).float().cpu()
 
     @reinit__is_reduced
     def reset(self) -> None:
@@ -87,10 +91,12 @@ class NormalFitScore(Metric):
         labels = output.get("label")
         normal = torch.ones(maps.shape[0], dtype=torch.bool) if labels is None else torch.as_tensor(labels).reshape(-1).cpu() == 0
         if bool(normal.any()):
-            raw_levels = self.network is not None and getattr(self.network.map_generator, "level_normalization", "none") == "pixel"
-            if raw_levels or (self.network is not None and getattr(self.network, "has_intensity_prior", False)):
-                maps = self._maps_of(torch.as_tensor(output["image"])[normal], raw_levels)
+            network = self.network
+            if network is not None and getattr(network.map_generator, "level_normalization", "none") == "pixel":
+                maps = self._raw_level_maps(torch.as_tensor(output["image"])[normal])
                 normal = torch.ones(maps.shape[0], dtype=torch.bool)
+            elif network is not None and getattr(network, "has_intensity_prior", False):
+                maps = self._without_prior(torch.as_tensor(output["image"]), maps)
             self._sum += maps[normal].mean(dim=tuple(range(1, maps.ndim))).double().sum()
             self._count += float(normal.sum())
 

@@ -39,8 +39,8 @@ class IntensityPrior(nn.Module):
         combination: ``"sum"`` or ``"product"``.
 
     ``forward(images (B, C, *spatial), anomaly_map (B, 1, *spatial))`` returns ``(B, 1, *spatial)``; until the
-    statistics are fitted (a network not trained yet) the map passes through unchanged. The weight,
-    tail and combination are buffers too: a checkpoint's values are the ones its threshold was set with.
+    statistics are fitted (a network not trained yet) the map passes through unchanged. :meth:`unmix` inverts it.
+    The weight, tail and combination are buffers too: a checkpoint's values are the ones its threshold was set with.
     """
 
     def __init__(
@@ -116,3 +116,15 @@ class IntensityPrior(nn.Module):
         summed = (1 - weight) * scaled + weight * term
         product = scaled.clamp_min(0).pow(1 - weight) * (1 + term).pow(weight)
         return self.is_product * product + (1 - self.is_product) * summed
+
+    def unmix(self, images: torch.Tensor, mixed_map: torch.Tensor) -> torch.Tensor:
+        """The map that :meth:`forward` mixed into ``mixed_map`` ``(B, 1, *spatial)``, from the same ``images``:
+        the distillation map recovered without another forward pass of the network (up to float rounding)."""
+        if not self.is_fitted:
+            return mixed_map
+        weight, term = self.prior_weight, self.intensity_term(images)
+        if float(self.is_product):
+            scaled = (mixed_map.clamp_min(0) / (1 + term).pow(weight)).pow(1 / (1 - weight))
+        else:
+            scaled = (mixed_map - weight * term) / (1 - weight)
+        return scaled * self.map_reference
