@@ -124,8 +124,8 @@ def main() -> None:
     validation = level_maps_of(network, train_parser.get_parsed_content("validate#dataset"))
     test = level_maps_of(network, eval_parser.get_parsed_content("dataset"))
     variants = []
-    # z-scored levels (level_normalization="pixel") are signed: a product of them means nothing
-    fusions = ("mean",) if getattr(network.map_generator, "level_normalization", "none") == "pixel" else ("mean", "product")
+    # z-scored levels (level_normalization "level" or "pixel") are signed: a product of them means nothing
+    fusions = ("mean",) if getattr(network.map_generator, "level_normalization", "none") != "none" else ("mean", "product")
     for fusion in fusions:
         for sigma in (2.0, 4.0, 8.0):
             val, tst = score_variant(*validation, fusion, sigma), score_variant(*test, fusion, sigma)

@@ -2,7 +2,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from multiad_monai.handlers import fit_normal_statistics
 from multiad_monai.inferers import AnomalyMapGenerator, cosine_distance_maps, image_score
 from multiad_monai.losses import CosineDistillationLoss, DiscriminatorLoss, StudentAdversarialLoss
 
@@ -114,6 +116,52 @@ def test_pixel_level_normalization_is_a_z_score_against_normal_statistics():
         AnomalyMapGenerator(num_levels=2, fusion="product", level_normalization="pixel")
     with pytest.raises(ValueError, match="level_normalization"):
         AnomalyMapGenerator(num_levels=2, level_normalization="image")
+
+
+def test_level_normalization_is_one_z_score_per_level():
+    generator = AnomalyMapGenerator(num_levels=2, fusion="mean", sigma=0, level_normalization="level", level_weights=[2, 1])
+    t = [torch.randn(1, 3, 4, 4), torch.randn(1, 3, 2, 2)]
+    s = [torch.randn(1, 3, 4, 4), torch.randn(1, 3, 2, 2)]
+    raw = generator.raw_level_maps(t, s, (8, 8))
+    assert generator.normal_mean.shape == (2, 1, 1) and torch.allclose(generator.level_maps(t, s, (8, 8)), raw)
+    mean, std = torch.tensor([0.2, 0.5]).reshape(2, 1, 1), torch.tensor([0.1, 0.4]).reshape(2, 1, 1)
+    generator.set_normal_statistics(mean, std)
+    z = (raw - mean) / std
+    assert torch.allclose(generator(t, s, (8, 8)), (2 * z[:, :1] + z[:, 1:]) / 3, atol=1e-6)
+    with pytest.raises(ValueError, match="product"):
+        AnomalyMapGenerator(num_levels=2, fusion="product", level_normalization="level")
+
+
+def test_fit_level_statistics_pools_all_pixels_of_a_level():
+    class Network(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.map_generator = AnomalyMapGenerator(num_levels=2, sigma=0, level_normalization="level")
+
+        def features(self, images):
+            return [images, images[..., ::2, ::2]], [images.flip(-1), images[..., ::2, ::2].flip(-2)]
+
+    network = Network()
+    images = torch.randn(5, 3, 8, 8)
+    assert fit_normal_statistics(network, [{"image": images[:3]}, {"image": images[3:]}]) == 5
+    raw = network.map_generator.raw_level_maps(*network.features(images), (8, 8))
+    pooled = raw.transpose(0, 1).flatten(1)
+    assert torch.allclose(network.map_generator.normal_mean.flatten(), pooled.mean(1), atol=1e-5)
+    assert torch.allclose(network.map_generator.normal_std.flatten(), pooled.std(1), atol=1e-5)
+
+
+def test_upsampled_features_take_the_cosine_on_the_finest_grid():
+    t = [torch.randn(1, 3, 4, 4), torch.randn(1, 5, 2, 2)]
+    s = [torch.randn(1, 3, 4, 4), torch.randn(1, 5, 2, 2)]
+    plain = cosine_distance_maps(t, s, (8, 8))
+    fine = cosine_distance_maps(t, s, (8, 8), upsample_features=True)
+    # the finest level is the same; the coarse one is the cosine of features interpolated to 4x4
+    assert torch.allclose(fine[:, 0], plain[:, 0])
+    up = [F.interpolate(x, size=[4, 4], mode="bilinear", align_corners=False) for x in (t[1], s[1])]
+    expected = F.interpolate(1 - F.cosine_similarity(*up, dim=1).unsqueeze(1), size=[8, 8], mode="bilinear", align_corners=False)
+    assert torch.allclose(fine[:, 1:], expected, atol=1e-6) and not torch.allclose(fine[:, 1:], plain[:, 1:])
+    generator = AnomalyMapGenerator(num_levels=2, sigma=0, upsample_features=True)
+    assert torch.allclose(generator.raw_level_maps(t, s, (8, 8)), fine)
 
 
 def test_fitted_normal_statistics_load_into_an_unfitted_generator():

@@ -8,11 +8,12 @@ import json
 import os
 import shutil
 
+import pytest
 import torch
 
 from multiad_monai.apps.cli import main
-from multiad_monai.data import make_demo_volumes
-from multiad_monai.data.errors import DatasetError, root_cause
+from multiad_monai.data import check_model_settings, make_demo_volumes
+from multiad_monai.data.errors import CheckpointError, DatasetError, root_cause
 
 TINY = ["--set", "image_size=64", "--set", "min_epoch_length=2", "--set", "val_interval=1", "--set", "num_epochs=1"]
 
@@ -109,6 +110,18 @@ def test_volume_evaluation_keeps_the_training_split(tmp_path, capsys):
     assert trained in error and "used to train" in error
     assert (output / "eval" / "metrics.json").read_text() == before
 
+    # the model is used only on images prepared as in its training (2.5D by default): the 2D input is refused
+    # with the --set that fixes it, before anything is written
+    scan = os.path.join(cases, split["test"][0], "flair.nii.gz")
+    for command in (["evaluate", *common], ["infer", *common, "--set", f"input_path={scan}"]):
+        capsys.readouterr()
+        assert main([*command, "--override", "brain_2d.json"]) == 2
+        error = last_error(capsys)
+        assert "slice_context=2, intensity_channel=1" in error and "slice_context=0, intensity_channel=null" in error
+        assert "--set slice_context=2 --set intensity_channel=1" in error
+    assert (output / "eval" / "metrics.json").read_text() == before
+    assert not (output / "inference").exists()
+
     # without the record the split is unknown: refused, not recomputed
     os.remove(output / "run.json")
     assert main(["evaluate", *common]) == 2
@@ -155,3 +168,17 @@ def test_root_cause_ends_on_an_error_chain_that_loops():
     outer.__cause__ = inner
     inner.__cause__ = outer  # what `raise inner from outer` inside `except outer` leaves behind
     assert root_cause(outer) is inner
+
+
+def test_model_settings_check_passes_what_it_cannot_know_and_names_what_differs():
+    # exported bundles hold a plain state dict: their configs carry the run's settings instead
+    check_model_settings({"threshold": torch.tensor(1.0)}, "bundle/models/model.pt", {"slice_context": 2})
+    saved = {"network": {}, "run": {"fingerprint": {"settings": {"image_size": 256, "ct_window": 400.0}}}}
+    # a key recorded only by later versions passes; equal numbers of another type are equal
+    check_model_settings(saved, "old/model.pt", {"image_size": 256, "ct_window": 400, "slice_context": 2})
+    check_model_settings(saved, "old/model.pt", None)
+    with pytest.raises(CheckpointError, match=r"old/model.pt was trained with image_size=256, but this configuration has image_size=128.*--set image_size=256"):
+        check_model_settings(saved, "old/model.pt", {"image_size": 128, "learning_rate": 0.5})
+    # a setting that did not exist when the model was trained: it was trained without it
+    with pytest.raises(CheckpointError, match="upsample_features=false"):
+        check_model_settings(saved, "old/model.pt", {"upsample_features": True})

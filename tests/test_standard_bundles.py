@@ -27,7 +27,8 @@ STANDARD_KEYS = ("network_def", "network", "preprocessing", "inferer", "postproc
                  "initialize", "run", "finalize")
 # the keys the network and its input depend on: the two files must agree on them (they are copies, model-zoo style)
 SHARED_KEYS = ("image_size", "teacher_name", "image_mean", "image_std", "student_se_ratio", "fusion", "level_normalization",
-               "map_sigma", "level_weights", "test_time_flip", "score_mode", "teacher", "student", "discriminator",
+               "map_sigma", "level_weights", "upsample_features", "slice_context", "intensity_channel", "test_time_flip",
+               "score_mode", "teacher", "student", "discriminator",
                "map_generator", "network_def", "network", "ckpt_path", "device", "data_root")
 
 

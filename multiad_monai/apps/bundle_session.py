@@ -131,7 +131,9 @@ class BundleInferenceSession:
                 return cached[0]
             workflow = self._workflow(device=device)
             network = workflow.parser.get_parsed_content("network")
-            load_network_checkpoint(self.ckpt_path, network, device)
+            # the bundle's image and map settings must be the training's (exported bundles' models carry none to check)
+            settings = workflow.parser.get_parsed_content("model_settings") if "model_settings" in workflow.parser else None
+            load_network_checkpoint(self.ckpt_path, network, device, settings)
             network.eval()
             if self.runtime == "onnx":
                 network = self._onnx(network, workflow.parser)

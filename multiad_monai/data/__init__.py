@@ -19,9 +19,11 @@ from .cases import (
 )
 from .run_record import (
     DEMO_SOURCE,
+    MODEL_SETTINGS,
     RUN_RECORD,
     ModelFingerprint,
     check_model_fingerprint,
+    check_model_settings,
     check_training_run,
     chosen_dataset_dir,
     read_run_record,

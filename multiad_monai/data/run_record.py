@@ -35,6 +35,8 @@ __all__ = [
     "recorded_case_split",
     "ModelFingerprint",
     "check_model_fingerprint",
+    "MODEL_SETTINGS",
+    "check_model_settings",
 ]
 
 RUN_RECORD = "run.json"
@@ -43,6 +45,16 @@ MODEL_FILE = "model.pt"
 # ``dataset_dir`` value naming the generated demo data explicitly (a folder called "demo" is "./demo")
 DEMO_SOURCE = "demo"
 
+# training settings a model must be used with: what the network sees and how its levels become a map. A model
+# used with other values gets other inputs or other statistics than it learned, and its maps are wrong without any
+# error. Fusion weights and smoothing are not here: map studies vary them on purpose.
+MODEL_SETTINGS = (
+    "image_size", "teacher_name", "image_files", "intensity_preset", "canonical_axcodes", "ct_window", "ct_level",
+    "slice_axis", "slice_context", "intensity_channel", "quarter_turns", "crop_to_foreground", "crop_margin",
+    "level_normalization", "upsample_features",
+)
+# what models saved before a setting existed used (a key missing from their record is otherwise not checked)
+_VALUES_BEFORE_RECORDED = {"upsample_features": False}
 # the two ways out of a folder that holds another run, shared by every error that refuses one
 RERUN_WAYS_OUT = "use another --output_dir, or --set resume=false to start afresh and replace it"
 _FILE_KEYS = ("image", "label", "mask", "foreground")
@@ -205,6 +217,31 @@ def check_model_fingerprint(checkpoint: Any, path: str) -> None:
         raise CheckpointError(
             f"checkpoint {path} was not trained by the run recorded in {RUN_RECORD} beside it ({RUN_RECORD} -> model.pt: {difference}); "
             "keep each model.pt in the folder of the run that made it."
+        )
+
+
+def check_model_settings(checkpoint: Any, path: str, settings: Mapping[str, Any] | None) -> None:
+    """Check that the configuration about to use a loaded ``model.pt`` (``checkpoint``, read from ``path``) prepares
+    images and level maps as its training did: the :data:`MODEL_SETTINGS` in ``settings`` (config values) and in the
+    settings saved with the model. A plain state dict (exported bundles carry their run's settings in their
+    configs), a key that a model's record lacks (unless it did not exist then), and ``settings`` None pass.
+
+    Raises:
+        CheckpointError: naming the file, every differing key with both values, and the ``--set`` that fixes it.
+    """
+    if settings is None or not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("run"), Mapping):
+        return
+    saved = {**_VALUES_BEFORE_RECORDED, **checkpoint["run"].get("fingerprint", {}).get("settings", {})}
+    current = json.loads(json.dumps({k: settings[k] for k in MODEL_SETTINGS if k in settings}, default=str))
+    differing = [k for k in MODEL_SETTINGS if k in saved and k in current and saved[k] != current[k]]
+    if differing:
+        trained = ", ".join(f"{k}={json.dumps(saved[k])}" for k in differing)
+        configured = ", ".join(f"{k}={json.dumps(current[k])}" for k in differing)
+        fix = " ".join(f"--set {k}={json.dumps(saved[k], separators=(',', ':'))}" for k in differing)
+        raise CheckpointError(
+            f"checkpoint {path} was trained with {trained}, but this configuration has {configured}: the network "
+            f"would see its images, or make its map, otherwise than in training. Run with the training's values "
+            f"({fix}), or the preset it was trained with."
         )
 
 

@@ -4,47 +4,60 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from ignite.engine import Engine
 
 from multiad_monai.data.errors import CheckpointError, first_line
-from multiad_monai.data.run_record import check_model_fingerprint
+from multiad_monai.data.run_record import check_model_fingerprint, check_model_settings
 
 __all__ = ["NetworkCheckpointLoader", "load_network_checkpoint", "load_network_state", "load_exported_network", "read_network_state"]
 
 
-def read_network_state(path: str, map_location: str | torch.device = "cpu") -> Any:
+def read_network_state(
+    path: str, map_location: str | torch.device = "cpu", settings: Mapping[str, Any] | None = None
+) -> Any:
     """The network's state dict in a ``model.pt`` (``{"network": ..., "run": ...}`` or a plain state dict), after
-    checking its fingerprint against the ``run.json`` beside it; whatever else the file holds is returned as it is.
+    checking its fingerprint against the ``run.json`` beside it and, given the config values ``settings``, that
+    they prepare images and maps as the training did (:func:`~multiad_monai.data.run_record.check_model_settings`);
+    whatever else the file holds is returned as it is.
 
     Raises:
-        CheckpointError: naming ``path``, when the file is not a readable PyTorch file or belongs to another run.
+        CheckpointError: naming ``path``, when the file is not a readable PyTorch file, belongs to another run or
+            was trained with other image or map settings.
     """
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
         raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(error)}); it is truncated or not a PyTorch file.") from error
     check_model_fingerprint(state, path)
+    check_model_settings(state, path, settings)
     if isinstance(state, dict) and isinstance(state.get("network"), dict):
         state = state["network"]
     return state
 
 
-def load_network_checkpoint(path: str, network: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
+def load_network_checkpoint(
+    path: str,
+    network: torch.nn.Module,
+    map_location: str | torch.device = "cpu",
+    settings: Mapping[str, Any] | None = None,
+) -> None:
     """Load the weights saved by training (``model.pt``: ``{"network": state dict, "run": fingerprint}``, or a
-    plain state dict as in exported bundles) into ``network``.
+    plain state dict as in exported bundles) into ``network``; ``settings``: the config values to check against
+    the training's image and map settings (see :func:`read_network_state`).
 
     Raises:
         FileNotFoundError: no file at ``path``.
         RuntimeError: naming ``path``, when the file is not a readable checkpoint, or when it holds another
             architecture (missing, unexpected or differently shaped weights), or when its fingerprint is not the
-            one of the ``run.json`` beside it.
+            one of the ``run.json`` beside it, or when ``settings`` prepare images or maps otherwise than the training.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (train a model first, or set ckpt_path).")
-    load_network_state(read_network_state(path, map_location), network, path)
+    load_network_state(read_network_state(path, map_location, settings), network, path)
 
 
 def load_network_state(state: Any, network: torch.nn.Module, path: str) -> None:
@@ -88,15 +101,24 @@ class NetworkCheckpointLoader:
         load_path: the checkpoint written by training (``model.pt``).
         network: the network to load into.
         map_location: device for the loaded tensors.
+        settings: the config's values of the settings that prepare images and maps (``model_settings``),
+            checked against the training's; None skips the check.
     """
 
-    def __init__(self, load_path: str, network: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        load_path: str,
+        network: torch.nn.Module,
+        map_location: str | torch.device = "cpu",
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
         self.load_path = load_path
         self.network = network
         self.map_location = map_location
+        self.settings = settings
 
     def attach(self, engine: Engine) -> None:
-        load_network_checkpoint(self.load_path, self.network, self.map_location)
+        load_network_checkpoint(self.load_path, self.network, self.map_location, self.settings)
 
 
 def load_exported_network(path: str, map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:

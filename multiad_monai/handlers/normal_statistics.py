@@ -1,4 +1,5 @@
-"""Per-pixel statistics of the per-level maps on normal training images, for ``level_normalization="pixel"``."""
+"""Statistics of the per-level maps on normal training images: per pixel for ``level_normalization="pixel"``,
+per level for ``"level"``."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ __all__ = ["NormalStatisticsHandler", "fit_normal_statistics"]
 def fit_normal_statistics(
     network: torch.nn.Module, data_loader, device: str | torch.device = "cpu", max_images: int = 200
 ) -> int:
-    """Sets ``network.map_generator``'s ``normal_mean`` / ``normal_std``: the per-pixel mean and standard
-    deviation of the raw level maps over the first ``max_images`` images of ``data_loader`` (per rank;
-    summed over ranks when ``torch.distributed`` is initialised).
+    """Sets ``network.map_generator``'s ``normal_mean`` / ``normal_std``: the mean and standard deviation of the
+    raw level maps, per pixel (``level_normalization="pixel"``) or per level over all pixels (``"level"``),
+    over the first ``max_images`` images of ``data_loader`` (per rank; summed over ranks when
+    ``torch.distributed`` is initialised).
 
     The loader gives normal images without augmentation or synthetic defects, from the training split:
     the held-out validation images stay unseen, so the threshold estimated on them is not biased low.
@@ -39,7 +41,13 @@ def fit_normal_statistics(
     network.train(was_training)
     if count == 0:
         raise ValueError("the normal-statistics loader gave no images.")
-    stacked = torch.stack([total, total_sq, torch.full_like(total, count)])
+    samples = count
+    if generator.level_normalization == "level":
+        # one mean and spread per level over all pixels: no assumption on where the object lies in the frame
+        spatial = tuple(range(1, total.dim()))
+        samples = count * total[0].numel()
+        total, total_sq = total.sum(spatial, keepdim=True), total_sq.sum(spatial, keepdim=True)
+    stacked = torch.stack([total, total_sq, torch.full_like(total, samples)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stacked)
     total, total_sq, n = stacked
@@ -47,16 +55,16 @@ def fit_normal_statistics(
     # unbiased variance; float64 sums keep the difference of squares exact enough
     variance = (total_sq - n * mean.square()).clamp_min(0) / (n - 1).clamp_min(1)
     generator.set_normal_statistics(mean.float(), variance.sqrt().float())
-    return int(n.flatten()[0])
+    return int(n.flatten()[0]) // (samples // count)
 
 
 class NormalStatisticsHandler(PeriodicRefitHandler):
-    """Refits the per-pixel normal statistics every ``interval`` training epochs. Attach it before the
+    """Refits the normal statistics of the level maps every ``interval`` training epochs. Attach it before the
     ``FusionFitHandler`` and the ``ValidationHandler``, which then see normalised maps.
 
     Args:
-        network: a :class:`MultiAD`; unless its map generator has ``level_normalization="pixel"`` the
-            handler does nothing.
+        network: a :class:`MultiAD`; unless its map generator normalises its levels (``level_normalization``
+            ``"pixel"`` or ``"level"``) the handler does nothing.
         data_loader: normal training images, no augmentation.
         interval: epochs between fits.
         max_images: images used per fit (per rank).
@@ -67,7 +75,7 @@ class NormalStatisticsHandler(PeriodicRefitHandler):
         self.max_images = max_images
 
     def applies(self) -> bool:
-        return getattr(self.network.map_generator, "level_normalization", "none") == "pixel"
+        return getattr(self.network.map_generator, "level_normalization", "none") != "none"
 
     def refit(self, device: torch.device | str) -> str:
         count = fit_normal_statistics(self.network, self.data_loader, device, self.max_images)

@@ -15,14 +15,26 @@ from multiad_monai.networks.fusion import LearnedFusion
 __all__ = ["AnomalyMapGenerator", "cosine_distance_maps", "image_score"]
 
 FUSION_MODES = ("mean", "product", "learned")
-LEVEL_NORMALIZATIONS = ("none", "pixel")
+LEVEL_NORMALIZATIONS = ("none", "level", "pixel")
 
 
 def cosine_distance_maps(
-    teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor], size: Sequence[int]
+    teacher_features: Sequence[torch.Tensor],
+    student_features: Sequence[torch.Tensor],
+    size: Sequence[int],
+    upsample_features: bool = False,
 ) -> torch.Tensor:
-    """Per-level ``1 - cos(teacher, student)`` over channels, upsampled to ``size``: ``(B, L, *size)``."""
+    """Per-level ``1 - cos(teacher, student)`` over channels, upsampled to ``size``: ``(B, L, *size)``.
+
+    With ``upsample_features`` the features of every level are first interpolated to the grid of the first
+    (finest) one and the cosine is taken there, so a coarse level's map follows its features' interpolation
+    instead of being a blown-up low-resolution map.
+    """
     mode = "bilinear" if len(size) == 2 else "trilinear"
+    if upsample_features:
+        grid = list(teacher_features[0].shape[2:])
+        teacher_features = [F.interpolate(t, size=grid, mode=mode, align_corners=False) for t in teacher_features]
+        student_features = [F.interpolate(s, size=grid, mode=mode, align_corners=False) for s in student_features]
     maps = [
         F.interpolate(1.0 - F.cosine_similarity(t, s, dim=1).unsqueeze(1), size=list(size), mode=mode, align_corners=False)
         for t, s in zip(teacher_features, student_features)
@@ -54,18 +66,23 @@ class AnomalyMapGenerator(nn.Module):
         level_weights: weights of the used levels in the ``"mean"`` fusion (default equal): more weight on the
             fine levels (stride 4 and 8) sharpens the map, the coarse ones see more context. Non-negative, not
             all zero; normalised to sum 1.
-        level_normalization: ``"none"`` fuses the raw ``1 - cos`` maps; ``"pixel"`` first turns each level
-            map into a per-pixel z-score against normal images, ``(map - normal_mean) / normal_std``, with
-            the statistics set by :meth:`set_normal_statistics` (see ``fit_normal_statistics``). It removes
+        level_normalization: ``"none"`` fuses the raw ``1 - cos`` maps; ``"level"`` first turns each level map
+            into a z-score against that level's mean and spread over all pixels of normal images, so levels
+            weigh by how unusual their error is rather than by its raw size (no assumption on where the object
+            lies); ``"pixel"`` into a per-pixel z-score, ``(map - normal_mean) / normal_std``. The statistics
+            are set by :meth:`set_normal_statistics` (see ``fit_normal_statistics``). ``"pixel"`` removes
             errors that every normal image has at the same place, such as the speckle-noise background of
-            retina OCT B-scans; it hurts where the anatomy moves within the frame (brain slices of
-            different levels), so it is a per-modality choice. Not with ``fusion="product"``.
+            retina OCT B-scans; it hurts where the object or anatomy moves within the frame (brain slices of
+            different levels, rotated parts), so it is a per-modality choice. Neither with ``fusion="product"``.
+        upsample_features: take the cosine on features upsampled to the finest level's grid
+            (:func:`cosine_distance_maps`) instead of upsampling each level's cosine map.
         min_std: lower bound of ``normal_std``, so that pixels that never vary on normal images (constant
             background) do not turn tiny differences into huge scores.
 
     ``forward(teacher_features, student_features, size)`` returns ``(B, 1, *size)``.
-    The statistics are buffers ``normal_mean`` and ``normal_std`` of shape ``(len(levels), *map_size)``
-    (``(len(levels), 1, ...)`` until fitted, which leaves maps unchanged), saved with the weights.
+    The statistics are buffers ``normal_mean`` and ``normal_std`` of shape ``(len(levels), *map_size)`` for
+    ``"pixel"`` and ``(len(levels), 1, ...)`` for ``"level"`` (and until fitted, which leaves maps unchanged),
+    saved with the weights.
     The smoothing (:class:`GaussianSmoothing`: MONAI's ``GaussianFilter`` numbers in a form that exports to
     ONNX) saves its ``sigma`` too, under the keys of MONAI's filter, and a loaded checkpoint's value wins,
     since the saved threshold was set on maps of that smoothing; a configured ``sigma`` that differs is
@@ -82,14 +99,18 @@ class AnomalyMapGenerator(nn.Module):
         level_normalization: str = "none",
         min_std: float = 1e-3,
         level_weights: Sequence[float] | None = None,
+        upsample_features: bool = False,
     ) -> None:
         super().__init__()
         if fusion not in FUSION_MODES:
             raise ValueError(f"unknown fusion {fusion!r}; use one of {FUSION_MODES}.")
         if level_normalization not in LEVEL_NORMALIZATIONS:
             raise ValueError(f"unknown level_normalization {level_normalization!r}; use one of {LEVEL_NORMALIZATIONS}.")
-        if level_normalization == "pixel" and fusion == "product":
-            raise ValueError("level_normalization='pixel' gives signed z-scores, which a product cannot fuse; use 'mean' or 'learned'.")
+        if level_normalization != "none" and fusion == "product":
+            raise ValueError(
+                f"level_normalization={level_normalization!r} gives signed z-scores, which a product cannot fuse; "
+                "use 'mean' or 'learned'."
+            )
         self.levels = list(range(num_levels)) if levels is None else list(levels)
         if not self.levels or any(not 0 <= i < num_levels for i in self.levels):
             raise ValueError(f"levels must be indices below num_levels={num_levels}, got {levels}.")
@@ -105,8 +126,9 @@ class AnomalyMapGenerator(nn.Module):
         self.fusion_head = LearnedFusion(spatial_dims, len(self.levels)) if fusion == "learned" else None
         self.smooth = GaussianSmoothing(spatial_dims, sigma) if sigma > 0 else nn.Identity()
         self.level_normalization = level_normalization
+        self.upsample_features = upsample_features
         self.min_std = min_std
-        if level_normalization == "pixel":
+        if level_normalization != "none":
             # registered only when used, so checkpoints of raw-map models keep loading strictly
             unfitted = (len(self.levels),) + (1,) * spatial_dims
             self.register_buffer("normal_mean", torch.zeros(unfitted))
@@ -117,13 +139,16 @@ class AnomalyMapGenerator(nn.Module):
     ) -> torch.Tensor:
         """Per-level ``1 - cos`` maps of the used levels before any normalisation: ``(B, len(levels), *size)``."""
         return cosine_distance_maps(
-            [teacher_features[i] for i in self.levels], [student_features[i] for i in self.levels], size
+            [teacher_features[i] for i in self.levels],
+            [student_features[i] for i in self.levels],
+            size,
+            self.upsample_features,
         )
 
     def level_maps(
         self, teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor], size: Sequence[int]
     ) -> torch.Tensor:
-        """The per-level maps that are fused (normalised when ``level_normalization="pixel"``): ``(B, len(levels), *size)``."""
+        """The per-level maps that are fused (z-scores unless ``level_normalization="none"``): ``(B, len(levels), *size)``."""
         maps = self.raw_level_maps(teacher_features, student_features, size)
         if self.level_normalization == "none":
             return maps
@@ -135,9 +160,10 @@ class AnomalyMapGenerator(nn.Module):
         return (maps - mean) / std.clamp_min(self.min_std)
 
     def set_normal_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Sets the per-pixel statistics of the raw level maps on normal images, each ``(len(levels), *map_size)``."""
-        if self.level_normalization != "pixel":
-            raise ValueError("normal statistics are used only with level_normalization='pixel'.")
+        """Sets the statistics of the raw level maps on normal images, each ``(len(levels), *map_size)`` (per
+        pixel) or ``(len(levels), 1, ...)`` (per level)."""
+        if self.level_normalization == "none":
+            raise ValueError("normal statistics are used only with level_normalization 'level' or 'pixel'.")
         if mean.shape != std.shape or mean.shape[0] != len(self.levels):
             raise ValueError(f"mean and std must both be (len(levels)={len(self.levels)}, *map_size); got {tuple(mean.shape)} and {tuple(std.shape)}.")
         device = self.normal_mean.device

@@ -52,8 +52,8 @@ class NormalFitScore(Metric):
     early stopping (synthetic-defect scores saturate early and stopped training too soon on MVTec bottle).
 
     Args:
-        network: the :class:`MultiAD` being validated. Needed only when its map generator has
-            ``level_normalization="pixel"``: its maps are then z-scores against the training images, which
+        network: the :class:`MultiAD` being validated. Needed only when its map generator normalises its
+            levels (``level_normalization`` ``"pixel"`` or ``"level"``): its maps are then z-scores against the training images, which
             grow as the student fits the training set better than unseen images, so the score is taken on
             the raw ``1 - cos`` level maps instead (one extra forward pass over the normal images). With an
             intensity prior (rescaled at every validation, and holding the images' brightness) the score is
@@ -92,7 +92,7 @@ class NormalFitScore(Metric):
         normal = torch.ones(maps.shape[0], dtype=torch.bool) if labels is None else torch.as_tensor(labels).reshape(-1).cpu() == 0
         if bool(normal.any()):
             network = self.network
-            if network is not None and getattr(network.map_generator, "level_normalization", "none") == "pixel":
+            if network is not None and getattr(network.map_generator, "level_normalization", "none") != "none":
                 maps = self._raw_level_maps(torch.as_tensor(output["image"])[normal])
                 normal = torch.ones(maps.shape[0], dtype=torch.bool)
             elif network is not None and getattr(network, "has_intensity_prior", False):
