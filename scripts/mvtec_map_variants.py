@@ -23,37 +23,20 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.bundle import ConfigParser
 from monai.networks.layers import GaussianFilter
 
-from multiad_monai.apps.cli import DEFAULT_BUNDLE, bundle_configs, parse_settings
+from multiad_monai.apps.cli import DEFAULT_BUNDLE, parse_settings
 from multiad_monai.engines.utils import to_device
 from multiad_monai.handlers import load_network_checkpoint
-from multiad_monai.inferers import image_score
+from multiad_monai.inferers import cosine_distance_maps, image_score
 from multiad_monai.metrics import aupro, image_auroc, pixel_auroc
+
+from benchmark_mvtec import parser_for  # the script beside this one
 
 UPSAMPLING = ("map", "features")
 NORMALIZATIONS = ("none", "level", "pixel")
 LEVEL_WEIGHTS = ((1, 1, 1, 1), (2, 2, 1, 1))
 SIGMAS = (2.0, 4.0)
-
-
-def parser_for(bundle_root: str, workflow: str, overrides: list[str], values: dict) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config(bundle_configs(bundle_root, workflow, overrides))
-    parser.update({"bundle_root": bundle_root, **values})
-    return parser
-
-
-def raw_level_maps(teacher, student, size, upsampling: str) -> torch.Tensor:
-    """``1 - cos`` per level, ``(B, L, *size)``; with ``"features"`` the cosine is taken on the stride-4 grid."""
-    if upsampling == "features":
-        grid = teacher[0].shape[2:]
-        teacher = [F.interpolate(t, size=grid, mode="bilinear", align_corners=False) for t in teacher]
-        student = [F.interpolate(s, size=grid, mode="bilinear", align_corners=False) for s in student]
-    maps = [1.0 - F.cosine_similarity(t, s, dim=1).unsqueeze(1) for t, s in zip(teacher, student)]
-    return torch.cat([F.interpolate(m, size=list(size), mode="bilinear", align_corners=False) for m in maps], 1)
 
 
 def maps_of(network, dataset, with_labels: bool = True) -> dict:
@@ -65,7 +48,8 @@ def maps_of(network, dataset, with_labels: bool = True) -> dict:
             images = to_device(torch.stack([torch.as_tensor(it["image"]) for it in items]), torch.device("cpu"), False, True)
             teacher, student = network.features(images)
             for upsampling in UPSAMPLING:
-                out[upsampling].append(raw_level_maps(teacher, student, images.shape[2:], upsampling).half())
+                maps = cosine_distance_maps(teacher, student, images.shape[2:], upsample_features=upsampling == "features")
+                out[upsampling].append(maps.half())
             if with_labels:
                 labels += [int(it["label"]) for it in items]
                 masks.append(np.stack([np.asarray(it["mask"]) > 0.5 for it in items]))

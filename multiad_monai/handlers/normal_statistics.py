@@ -41,13 +41,13 @@ def fit_normal_statistics(
     network.train(was_training)
     if count == 0:
         raise ValueError("the normal-statistics loader gave no images.")
-    samples = count
+    values_per_image = 1
     if generator.level_normalization == "level":
         # one mean and spread per level over all pixels: no assumption on where the object lies in the frame
+        values_per_image = total[0].numel()
         spatial = tuple(range(1, total.dim()))
-        samples = count * total[0].numel()
         total, total_sq = total.sum(spatial, keepdim=True), total_sq.sum(spatial, keepdim=True)
-    stacked = torch.stack([total, total_sq, torch.full_like(total, samples)])
+    stacked = torch.stack([total, total_sq, torch.full_like(total, count * values_per_image)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stacked)
     total, total_sq, n = stacked
@@ -55,7 +55,7 @@ def fit_normal_statistics(
     # unbiased variance; float64 sums keep the difference of squares exact enough
     variance = (total_sq - n * mean.square()).clamp_min(0) / (n - 1).clamp_min(1)
     generator.set_normal_statistics(mean.float(), variance.sqrt().float())
-    return int(n.flatten()[0]) // (samples // count)
+    return int(n.flatten()[0]) // values_per_image
 
 
 class NormalStatisticsHandler(PeriodicRefitHandler):

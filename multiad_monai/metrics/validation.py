@@ -53,8 +53,8 @@ class NormalFitScore(Metric):
 
     Args:
         network: the :class:`MultiAD` being validated. Needed only when its map generator normalises its
-            levels (``level_normalization`` ``"pixel"`` or ``"level"``): its maps are then z-scores against the training images, which
-            grow as the student fits the training set better than unseen images, so the score is taken on
+            levels (``level_normalization`` ``"pixel"`` or ``"level"``): its maps are then z-scores against the
+            training images, which grow as the student fits the training set better than unseen images, so the score is taken on
             the raw ``1 - cos`` level maps instead (one extra forward pass over the normal images). With an
             intensity prior (rescaled at every validation, and holding the images' brightness) the score is
             taken on the map without it (the prior unmixed from the evaluator's map, no extra forward pass), so
