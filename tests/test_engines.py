@@ -8,21 +8,32 @@ from multiad_monai.data import mvtec_datalist, split_train_validation, synthetic
 from multiad_monai.engines import AnomalyEvaluator, MultiADTrainer
 from multiad_monai.handlers import NormalThresholdHandler
 from multiad_monai.metrics import AnomalyDetectionMetrics, NormalFitScore, ValidationScore
-from multiad_monai.networks import EfficientNetLiteEncoder, FeatureDiscriminator, MultiAD, input_mean, input_std
+from multiad_monai.networks import (
+    EfficientNetLiteEncoder,
+    FeatureDiscriminator,
+    MultiAD,
+    MultiLevelDiscriminator,
+    input_mean,
+    input_std,
+)
 from multiad_monai.transforms import TeacherFeaturesd, image_transforms_2d, validation_transforms_2d
 from monai.transforms import Compose
 
 MEAN, STD = input_mean("efficientnet-lite0"), input_std("efficientnet-lite0")
 
 
-def _network(seed=0):
+def _network(seed=0, make_discriminator=None):
     torch.manual_seed(seed)
     teacher = EfficientNetLiteEncoder(image_size=64)
     student = EfficientNetLiteEncoder(pretrained=False, se_ratio=0.25, image_size=64)
-    return MultiAD(teacher, student, FeatureDiscriminator(in_channels=320, channels=(32, 64), strides=(1, 2)))
+    if make_discriminator is None:
+        discriminator = FeatureDiscriminator(in_channels=320, channels=(32, 64), strides=(1, 2))
+    else:
+        discriminator = make_discriminator()
+    return MultiAD(teacher, student, discriminator)
 
 
-def _trainer(network, loader, epochs, adversarial_weight=0.01):
+def _trainer(network, loader, epochs, adversarial_weight=0.01, adversarial_warmup_epochs=0):
     return MultiADTrainer(
         device="cpu",
         max_epochs=epochs,
@@ -31,6 +42,7 @@ def _trainer(network, loader, epochs, adversarial_weight=0.01):
         optimizer=torch.optim.Adam(network.student.parameters(), lr=2e-3),
         discriminator_optimizer=torch.optim.Adam(network.discriminator.parameters(), lr=2e-4),
         adversarial_weight=adversarial_weight,
+        adversarial_warmup_epochs=adversarial_warmup_epochs,
     )
 
 
@@ -51,19 +63,40 @@ def test_training_lowers_the_distillation_loss_with_cached_teacher(tiny_demo_dat
     assert np.isfinite(trainer.state.output["discriminator_loss"])
 
 
-def test_adversarial_gradient_reaches_the_student(tiny_demo_dataset):
+_DISCRIMINATORS = {
+    "paper": None,
+    "all levels, spectral norm": lambda: MultiLevelDiscriminator(
+        in_channels=(24, 40, 112, 320), channels=(16, 32), spectral_norm=True
+    ),
+}
+
+
+@pytest.mark.parametrize("discriminator", list(_DISCRIMINATORS))
+def test_adversarial_gradient_reaches_the_student(tiny_demo_dataset, discriminator):
     items = mvtec_datalist(tiny_demo_dataset, "train")[:4]
     students = []
     # weight 1e-12 takes the same random draws as 0.01 (the discriminator runs in both): any difference
     # between the two steps is the adversarial term's gradient in the student
     for weight in (0.01, 0.01, 1e-12):
-        network = _network(seed=1)
+        network = _network(seed=1, make_discriminator=_DISCRIMINATORS[discriminator])
         loader = DataLoader(Dataset(items, image_transforms_2d(64, MEAN, STD)), batch_size=4)
         torch.manual_seed(5)
         _trainer(network, loader, epochs=1, adversarial_weight=weight).run()
         students.append(torch.cat([p.detach().reshape(-1) for p in network.student.parameters()]))
     assert torch.equal(students[0], students[1]), "the step is not deterministic, the comparison below means nothing"
     assert (students[0] - students[2]).abs().max() > 1e-6, "the adversarial term does not change the student"
+
+
+def test_adversarial_warmup_ramps_the_weight(tiny_demo_dataset):
+    items = mvtec_datalist(tiny_demo_dataset, "train")[:4]
+    loader = DataLoader(Dataset(items, image_transforms_2d(64, MEAN, STD)), batch_size=2)  # 2 iterations per epoch
+    trainer = _trainer(_network(), loader, epochs=3, adversarial_weight=0.01, adversarial_warmup_epochs=2)
+    weights = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: weights.append(engine.current_adversarial_weight()))
+    trainer.run()
+    assert weights == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    with pytest.raises(ValueError, match="adversarial_warmup_epochs"):
+        _trainer(_network(), loader, epochs=1, adversarial_warmup_epochs=-1)
 
 
 def test_cached_and_live_teacher_features_give_the_same_step(tiny_demo_dataset):

@@ -15,7 +15,9 @@ from multiad_monai.networks import (
     IntensityPrior,
     LearnedFusion,
     MultiAD,
+    MultiLevelDiscriminator,
     SEResNetEncoder,
+    feature_discriminator,
     input_mean,
     input_std,
     lite_weights_path,
@@ -128,6 +130,50 @@ def test_discriminator_2d_and_3d():
     assert FeatureDiscriminator(in_channels=320)(torch.randn(4, 320, 8, 8)).shape == (4, 1)
     disc = FeatureDiscriminator(spatial_dims=3, in_channels=16, channels=(8, 16), strides=(1, 2))
     assert disc(torch.randn(2, 16, 4, 4, 4)).shape == (2, 1)
+
+
+def _lite0_levels(batch=2, size=128):
+    return [torch.randn(batch, c, size // s, size // s) for c, s in zip((24, 40, 112, 320), (4, 8, 16, 32))]
+
+
+def test_bundle_discriminator_on_the_deepest_level_keeps_the_paper_weights():
+    # models trained before the option existed must load: same class, same weight names, deepest level judged
+    levels = _lite0_levels()
+    paper = FeatureDiscriminator(in_channels=320)
+    chosen = feature_discriminator((24, 40, 112, 320), levels=[-1])
+    assert type(chosen) is FeatureDiscriminator and chosen.state_dict().keys() == paper.state_dict().keys()
+    chosen.load_state_dict(paper.state_dict())
+    paper.eval(), chosen.eval()
+    assert torch.equal(chosen(levels), paper(levels[-1]))
+
+
+def test_multi_level_discriminator_judges_each_level():
+    levels = _lite0_levels()
+    disc = feature_discriminator((24, 40, 112, 320), levels=[0, 1, 2, 3]).eval()
+    assert isinstance(disc, MultiLevelDiscriminator)
+    logits = disc(levels)
+    assert logits.shape == (2, 4)
+    changed = [t.clone() for t in levels]
+    changed[0] += 1.0  # only the finest level: only its logit moves
+    moved = (disc(changed) - logits).abs()[0]
+    assert moved[0] > 1e-6 and torch.all(moved[1:] == 0)
+    with pytest.raises(ValueError, match="distinct indices"):
+        MultiLevelDiscriminator(levels=[0, 4])
+    with pytest.raises(ValueError, match="distinct indices"):
+        MultiLevelDiscriminator(levels=[3, -1])
+
+
+def test_spectral_norm_bounds_the_discriminator_layers():
+    disc = FeatureDiscriminator(in_channels=320, spectral_norm=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules())
+    disc.train()
+    for _ in range(20):  # power iterations run in training-mode forwards
+        disc(torch.randn(2, 320, 8, 8))
+    conv = disc.features[0].conv
+    sigma = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)
+    assert abs(float(sigma) - 1.0) < 0.05
+    plain = FeatureDiscriminator(in_channels=320).features[0].conv.weight.detach().flatten(1)
+    assert abs(float(torch.linalg.matrix_norm(plain, ord=2)) - 1.0) > 0.05, "the bound above must come from the norm"
 
 
 def test_learned_fusion_starts_as_the_mean():

@@ -182,3 +182,31 @@ def test_model_settings_check_passes_what_it_cannot_know_and_names_what_differs(
     # a setting that did not exist when the model was trained: it was trained without it
     with pytest.raises(CheckpointError, match="upsample_features=false"):
         check_model_settings(saved, "old/model.pt", {"upsample_features": True})
+    with pytest.raises(CheckpointError, match=r"discriminator_levels=\[-1\]"):
+        check_model_settings(saved, "old/model.pt", {"discriminator_levels": [0, 1, 2, 3]})
+
+
+def test_a_stronger_discriminator_trains_and_is_required_to_load_its_model(tiny_demo_dataset, tmp_path, capsys):
+    """The adversarial options (all levels judged, spectral norm, warm-up) through the bundle; the model's weights
+    hold that discriminator, so a configuration with the paper's is refused with the --set that fixes it."""
+    output = tmp_path / "run"
+    stronger = ["--set", "discriminator_levels=[0,1,2,3]", "--set", "discriminator_spectral_norm=true",
+                "--set", "adversarial_warmup_epochs=1"]
+    common = ["--dataset_dir", str(tiny_demo_dataset), "--output_dir", str(output)]
+    assert main(["train", *common, *TINY, *stronger]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--output_dir", str(output), *TINY[:2]]) == 2
+    error = last_error(capsys)
+    assert "discriminator_levels=[0, 1, 2, 3], discriminator_spectral_norm=true" in error
+    assert "--set discriminator_levels=[0,1,2,3] --set discriminator_spectral_norm=true" in error
+    assert main(["evaluate", "--output_dir", str(output), *TINY[:2], *stronger[:4]]) == 0
+    assert (output / "eval" / "metrics.json").is_file()
+
+
+def test_training_without_a_validation_round_says_that_no_model_was_written(tiny_demo_dataset, tmp_path, capsys):
+    output = tmp_path / "run"
+    short = ["--set", "image_size=64", "--set", "min_epoch_length=2", "--set", "num_epochs=1", "--set", "val_interval=2"]
+    assert main(["train", "--dataset_dir", str(tiny_demo_dataset), "--output_dir", str(output), *short]) == 0
+    assert not (output / "model.pt").exists()
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last == f"[multiad] no model written to {output / 'model.pt'}: no validation round ran (set val_interval to at most num_epochs)"

@@ -195,7 +195,11 @@ def _main_output(command: str, bundle_root: str, overrides: list[str], values: d
     parser.read_config(bundle_configs(bundle_root, workflow, overrides))
     parser.update({"bundle_root": bundle_root, **values})
     if workflow == "train":
-        return f"model: {parser.get_parsed_content('ckpt_path')}"
+        checkpoint = parser.get_parsed_content("ckpt_path")
+        if os.path.isfile(checkpoint):
+            return f"model: {checkpoint}"
+        # models are kept by validation rounds; a run shorter than val_interval has none
+        return f"no model written to {checkpoint}: no validation round ran (set val_interval to at most num_epochs)"
     if workflow == "evaluate":
         eval_dir = parser.get_parsed_content("eval_dir")
         report = os.path.join(eval_dir, "report.html")

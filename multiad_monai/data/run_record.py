@@ -47,14 +47,15 @@ DEMO_SOURCE = "demo"
 
 # training settings a model must be used with: what the network sees and how its levels become a map. A model
 # used with other values gets other inputs or other statistics than it learned, and its maps are wrong without any
-# error. Fusion weights and smoothing are not here: map studies vary them on purpose.
+# error. Fusion weights and smoothing are not here: map studies vary them on purpose. The discriminator's settings
+# change no map, but the saved weights fit only the discriminator they were trained with.
 MODEL_SETTINGS = (
     "image_size", "teacher_name", "image_files", "intensity_preset", "canonical_axcodes", "ct_window", "ct_level",
     "slice_axis", "slice_context", "intensity_channel", "quarter_turns", "crop_to_foreground", "crop_margin",
-    "level_normalization", "upsample_features",
+    "level_normalization", "upsample_features", "discriminator_levels", "discriminator_spectral_norm",
 )
 # what models saved before a setting existed used (a key missing from their record is otherwise not checked)
-_VALUES_BEFORE_RECORDED = {"upsample_features": False}
+_VALUES_BEFORE_RECORDED = {"upsample_features": False, "discriminator_levels": [-1], "discriminator_spectral_norm": False}
 # the two ways out of a folder that holds another run, shared by every error that refuses one
 RERUN_WAYS_OUT = "use another --output_dir, or --set resume=false to start afresh and replace it"
 _FILE_KEYS = ("image", "label", "mask", "foreground")
@@ -240,7 +241,7 @@ def check_model_settings(checkpoint: Any, path: str, settings: Mapping[str, Any]
         fix = " ".join(f"--set {k}={json.dumps(saved[k], separators=(',', ':'))}" for k in differing)
         raise CheckpointError(
             f"checkpoint {path} was trained with {trained}, but this configuration has {configured}: the network "
-            f"would see its images, or make its map, otherwise than in training. Run with the training's values "
+            f"would see its images, make its map or hold its weights otherwise than in training. Run with the training's values "
             f"({fix}), or the preset it was trained with."
         )
 

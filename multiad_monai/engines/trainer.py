@@ -43,7 +43,7 @@ class RealFakeDiscriminator(nn.Module):
         super().__init__()
         self.discriminator = discriminator
 
-    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.discriminator(real), self.discriminator(fake)
 
 
@@ -52,7 +52,7 @@ class MultiADTrainer(Trainer):
 
     Each iteration: the student loss ``distillation + adversarial_weight * fool-the-discriminator`` is
     minimised; then the discriminator is trained on teacher (real) vs detached student (fake) features
-    at the deepest level. Handlers attach as to any MONAI trainer (StatsHandler, CheckpointSaver,
+    (it is given all levels and judges the deepest, or several: :mod:`multiad_monai.networks.discriminator`). Handlers attach as to any MONAI trainer (StatsHandler, CheckpointSaver,
     ValidationHandler, LrScheduleHandler, ...).
 
     Args:
@@ -66,6 +66,9 @@ class MultiADTrainer(Trainer):
         discriminator_optimizer: optimiser of ``network.discriminator``; required when the network has one.
         distillation_loss: defaults to :class:`CosineDistillationLoss`.
         adversarial_weight: weight of the student's adversarial loss (0 disables the discriminator).
+        adversarial_warmup_epochs: the weight rises linearly from 0 to ``adversarial_weight`` over this many
+            epochs (0: full weight from the first step), so the student learns the teacher's features before a
+            discriminator, trained from the first step, pulls it; the discriminator trains throughout.
         image_key, teacher_features_key: batch keys.
         channels_last: run convolutions in channels-last memory format (faster on CPU).
         epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric, additional_metrics,
@@ -89,6 +92,7 @@ class MultiADTrainer(Trainer):
         discriminator_optimizer: Optimizer | None = None,
         distillation_loss: Callable | None = None,
         adversarial_weight: float = 0.01,
+        adversarial_warmup_epochs: float = 0,
         image_key: str = Keys.IMAGE,
         teacher_features_key: str = TEACHER_FEATURES_KEY,
         channels_last: bool = True,
@@ -134,6 +138,9 @@ class MultiADTrainer(Trainer):
         self.discriminator_optimizer = discriminator_optimizer if use_discriminator else None
         self.distillation_loss = distillation_loss if distillation_loss is not None else CosineDistillationLoss()
         self.adversarial_weight = adversarial_weight if use_discriminator else 0.0
+        if adversarial_warmup_epochs < 0:
+            raise ValueError(f"adversarial_warmup_epochs must be >= 0, got {adversarial_warmup_epochs}.")
+        self.adversarial_warmup_epochs = adversarial_warmup_epochs
         self.student_adversarial_loss = StudentAdversarialLoss()
         self.discriminator_loss = DiscriminatorLoss()
         self.image_key = image_key
@@ -154,6 +161,13 @@ class MultiADTrainer(Trainer):
             logging.getLogger(__name__).info(
                 f"rank {dist.get_rank()} of {dist.get_world_size()}: student and discriminator in DistributedDataParallel"
             )
+
+    def current_adversarial_weight(self) -> float:
+        """The adversarial weight of the current iteration: ``adversarial_weight`` after the warm-up."""
+        if self.adversarial_warmup_epochs <= 0:
+            return self.adversarial_weight
+        done_epochs = self.state.iteration / max(1, self.state.epoch_length or 1)
+        return self.adversarial_weight * min(1.0, done_epochs / self.adversarial_warmup_epochs)
 
     def _iteration(self, engine: MultiADTrainer, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:
@@ -177,8 +191,8 @@ class MultiADTrainer(Trainer):
         adversarial = torch.zeros(())
         if engine.discriminator_optimizer is not None:
             network.discriminator.requires_grad_(False)
-            adversarial = engine.student_adversarial_loss(network.discriminator(student_features[-1]))
-            loss = distillation + engine.adversarial_weight * adversarial
+            adversarial = engine.student_adversarial_loss(network.discriminator(student_features))
+            loss = distillation + engine.current_adversarial_weight() * adversarial
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss.backward()
@@ -189,7 +203,8 @@ class MultiADTrainer(Trainer):
         if engine.discriminator_optimizer is not None:
             network.discriminator.requires_grad_(True)
             engine.discriminator_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-            real_logits, fake_logits = engine.discriminator_step(teacher_features[-1], student_features[-1].detach())
+            detached = [features.detach() for features in student_features]
+            real_logits, fake_logits = engine.discriminator_step(teacher_features, detached)
             discriminator_loss = engine.discriminator_loss(real_logits, fake_logits)
             discriminator_loss.backward()
             engine.discriminator_optimizer.step()

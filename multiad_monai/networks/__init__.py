@@ -1,4 +1,4 @@
-from .discriminator import FeatureDiscriminator
+from .discriminator import FeatureDiscriminator, MultiLevelDiscriminator, feature_discriminator
 from .efficientnet_lite import LITE_INPUT_MEAN, LITE_INPUT_STD, EfficientNetLiteEncoder, lite_weights_path
 from .fusion import LearnedFusion
 from .inputs import input_mean, input_std
