@@ -157,6 +157,10 @@ def test_multi_level_discriminator_judges_each_level():
     changed[0] += 1.0  # only the finest level: only its logit moves
     moved = (disc(changed) - logits).abs()[0]
     assert moved[0] > 1e-6 and torch.all(moved[1:] == 0)
+    # with normalised features only directions count: the features' length cannot give them away
+    normalised = feature_discriminator((24, 40, 112, 320), levels=[0, 1, 2, 3], normalize_features=True).eval()
+    assert torch.allclose(normalised([7.0 * t for t in levels]), normalised(levels), atol=1e-5)
+    assert not torch.allclose(disc([7.0 * t for t in levels]), logits, atol=1e-3)
     with pytest.raises(ValueError, match="distinct indices"):
         MultiLevelDiscriminator(levels=[0, 4])
     with pytest.raises(ValueError, match="distinct indices"):

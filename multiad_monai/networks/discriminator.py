@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Pool
 from torch.nn.utils.parametrizations import spectral_norm as with_spectral_norm
@@ -30,6 +31,9 @@ class FeatureDiscriminator(nn.Module):
             norm (which would undo the Lipschitz bound). The plain discriminator wins within a few epochs
             (its loss near 0.005), after which its signal to the student says little; a bounded one cannot.
         level: the level judged when ``forward`` is given all levels (default the deepest, as in the paper).
+        normalize_features: judge features scaled to unit length at every position. The distillation loss and
+            the map see only the direction of the feature vectors (cosine); on raw features the discriminator
+            wins on their length alone, and its gradient then corrects a length that no map uses.
 
     Input ``(B, in_channels, h, w[, d])``, or the list of all feature levels; output logits ``(B, 1)``;
     ``torch.sigmoid`` of them is the paper's probability "real". Losses use the logits
@@ -46,11 +50,13 @@ class FeatureDiscriminator(nn.Module):
         negative_slope: float = 0.2,
         spectral_norm: bool = False,
         level: int = -1,
+        normalize_features: bool = False,
     ) -> None:
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"channels and strides need the same length, got {channels} and {strides}.")
         self.level = level
+        self.normalize_features = normalize_features
         layers = []
         for out_channels, stride in zip(channels, strides):
             block = Convolution(
@@ -76,6 +82,8 @@ class FeatureDiscriminator(nn.Module):
     def forward(self, features: FeatureLevels) -> torch.Tensor:
         if not isinstance(features, torch.Tensor):
             features = features[self.level]
+        if self.normalize_features:
+            features = F.normalize(features, dim=1)
         return self.classifier(self.pool(self.features(features)).flatten(1))
 
 
@@ -90,7 +98,7 @@ class MultiLevelDiscriminator(nn.Module):
         channels: output channels of each level's convolutions; half the paper's widths by default, which
             keeps four discriminators at about 1.7 times the cost of the paper's one (batch 16 at 256 px,
             forward and backward: 0.25 s against 0.15 s on 2 CPU cores; the paper's widths: 0.86 s).
-        dropout, negative_slope, spectral_norm: as in :class:`FeatureDiscriminator`.
+        dropout, negative_slope, spectral_norm, normalize_features: as in :class:`FeatureDiscriminator`.
 
     Each level is brought down by stride-2 convolutions, one more per level above the deepest (at most one
     per convolution), so that every level ends on a grid as coarse as the deepest level's and the fine
@@ -108,6 +116,7 @@ class MultiLevelDiscriminator(nn.Module):
         dropout: float = 0.3,
         negative_slope: float = 0.2,
         spectral_norm: bool = False,
+        normalize_features: bool = False,
     ) -> None:
         super().__init__()
         num_levels = len(in_channels)
@@ -122,7 +131,8 @@ class MultiLevelDiscriminator(nn.Module):
             strides = (2, 1, 2, 1) if halvings == 2 and len(channels) == 4 else [2] * halvings + [1] * (len(channels) - halvings)
             self.discriminators.append(
                 FeatureDiscriminator(
-                    spatial_dims, in_channels[index], channels, strides, dropout, negative_slope, spectral_norm, level=index
+                    spatial_dims, in_channels[index], channels, strides, dropout, negative_slope, spectral_norm,
+                    level=index, normalize_features=normalize_features,
                 )
             )
 
@@ -134,12 +144,14 @@ def feature_discriminator(
     in_channels: Sequence[int],
     levels: Sequence[int] = (-1,),
     spectral_norm: bool = False,
+    normalize_features: bool = False,
     spatial_dims: int = 2,
 ) -> nn.Module:
     """The bundles' discriminator: the paper's :class:`FeatureDiscriminator` on the deepest level (``levels``
     ``[-1]``, the weights of models trained before the option existed), else a :class:`MultiLevelDiscriminator`.
     ``in_channels``: channels of every feature level, finest first."""
     levels = list(levels)
+    options = {"spectral_norm": spectral_norm, "normalize_features": normalize_features}
     if levels == [-1] or levels == [len(in_channels) - 1]:
-        return FeatureDiscriminator(spatial_dims, in_channels[-1], spectral_norm=spectral_norm)
-    return MultiLevelDiscriminator(spatial_dims, in_channels, levels, spectral_norm=spectral_norm)
+        return FeatureDiscriminator(spatial_dims, in_channels[-1], **options)
+    return MultiLevelDiscriminator(spatial_dims, in_channels, levels, **options)
