@@ -241,8 +241,8 @@ def check_model_settings(checkpoint: Any, path: str, settings: Mapping[str, Any]
         fix = " ".join(f"--set {k}={json.dumps(saved[k], separators=(',', ':'))}" for k in differing)
         raise CheckpointError(
             f"checkpoint {path} was trained with {trained}, but this configuration has {configured}: the network "
-            f"would see its images, make its map or hold its weights otherwise than in training. Run with the training's values "
-            f"({fix}), or the preset it was trained with."
+            f"would see its images, make its map or hold its weights otherwise than in training. Run with the "
+            f"training's values ({fix}), or the preset it was trained with."
         )
 
 

@@ -52,8 +52,9 @@ class MultiADTrainer(Trainer):
 
     Each iteration: the student loss ``distillation + adversarial_weight * fool-the-discriminator`` is
     minimised; then the discriminator is trained on teacher (real) vs detached student (fake) features
-    (it is given all levels and judges the deepest, or several: :mod:`multiad_monai.networks.discriminator`). Handlers attach as to any MONAI trainer (StatsHandler, CheckpointSaver,
-    ValidationHandler, LrScheduleHandler, ...).
+    (it is given all levels and judges the deepest, or several: :mod:`multiad_monai.networks.discriminator`).
+    Handlers attach as to any MONAI trainer (StatsHandler, CheckpointSaver, ValidationHandler,
+    LrScheduleHandler, ...).
 
     Args:
         device: torch device.
