@@ -92,7 +92,11 @@ def test_adversarial_warmup_ramps_the_weight(tiny_demo_dataset):
     loader = DataLoader(Dataset(items, image_transforms_2d(64, MEAN, STD)), batch_size=2)  # 2 iterations per epoch
     trainer = _trainer(_network(), loader, epochs=3, adversarial_weight=0.01, adversarial_warmup_epochs=2)
     weights = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: weights.append(engine.current_adversarial_weight()))
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def record(engine):
+        weights.append(engine.current_adversarial_weight())
+
     trainer.run()
     assert weights == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
     with pytest.raises(ValueError, match="adversarial_warmup_epochs"):

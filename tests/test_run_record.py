@@ -205,8 +205,10 @@ def test_a_stronger_discriminator_trains_and_is_required_to_load_its_model(tiny_
 
 def test_training_without_a_validation_round_says_that_no_model_was_written(tiny_demo_dataset, tmp_path, capsys):
     output = tmp_path / "run"
-    short = ["--set", "image_size=64", "--set", "min_epoch_length=2", "--set", "num_epochs=1", "--set", "val_interval=2"]
+    short = ["--set", "image_size=64", "--set", "min_epoch_length=2", "--set", "num_epochs=1",
+             "--set", "val_interval=2"]
     assert main(["train", "--dataset_dir", str(tiny_demo_dataset), "--output_dir", str(output), *short]) == 0
     assert not (output / "model.pt").exists()
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
-    assert last == f"[multiad] no model written to {output / 'model.pt'}: no validation round ran (set val_interval to at most num_epochs)"
+    assert last == (f"[multiad] no model written to {output / 'model.pt'}: no validation round ran "
+                    "(set val_interval to at most num_epochs)")

@@ -55,7 +55,9 @@ MODEL_SETTINGS = (
     "level_normalization", "upsample_features", "discriminator_levels", "discriminator_spectral_norm",
 )
 # what models saved before a setting existed used (a key missing from their record is otherwise not checked)
-_VALUES_BEFORE_RECORDED = {"upsample_features": False, "discriminator_levels": [-1], "discriminator_spectral_norm": False}
+_VALUES_BEFORE_RECORDED = {
+    "upsample_features": False, "discriminator_levels": [-1], "discriminator_spectral_norm": False,
+}
 # the two ways out of a folder that holds another run, shared by every error that refuses one
 RERUN_WAYS_OUT = "use another --output_dir, or --set resume=false to start afresh and replace it"
 _FILE_KEYS = ("image", "label", "mask", "foreground")

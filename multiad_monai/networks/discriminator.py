@@ -28,8 +28,9 @@ class FeatureDiscriminator(nn.Module):
         dropout: dropout after each convolution.
         negative_slope: LeakyReLU slope.
         spectral_norm: spectral normalisation of every convolution and of the classifier, in place of batch
-            norm (which would undo the Lipschitz bound). The plain discriminator wins within a few epochs
-            (its loss near 0.005), after which its signal to the student says little; a bounded one cannot.
+            norm (which would undo the Lipschitz bound), so that its logits follow its input smoothly. The plain
+            discriminator wins within a few epochs (its loss near 0.005); on raw features a bounded one wins too,
+            on their length (see ``normalize_features``).
         level: the level judged when ``forward`` is given all levels (default the deepest, as in the paper).
         normalize_features: judge features scaled to unit length at every position. The distillation loss and
             the map see only the direction of the feature vectors (cosine); on raw features the discriminator
@@ -128,7 +129,10 @@ class MultiLevelDiscriminator(nn.Module):
         for index in indices:
             halvings = min(len(channels), 2 + (num_levels - 1 - index))
             # the deepest level keeps the single-level discriminator's strides (2, 1, 2, 1)
-            strides = (2, 1, 2, 1) if halvings == 2 and len(channels) == 4 else [2] * halvings + [1] * (len(channels) - halvings)
+            if halvings == 2 and len(channels) == 4:
+                strides = [2, 1, 2, 1]
+            else:
+                strides = [2] * halvings + [1] * (len(channels) - halvings)
             self.discriminators.append(
                 FeatureDiscriminator(
                     spatial_dims, in_channels[index], channels, strides, dropout, negative_slope, spectral_norm,
