@@ -5,11 +5,12 @@
 
 Starts ``monailabel start_server`` on 127.0.0.1 with a studies folder holding the one study, waits for it,
 then times ``POST /infer/multiad?image=...&output=image`` ``--repeats`` times (each a full bundle inference:
-reading, slices through the network, NIfTI written and sent; the network itself is built and loaded once,
-at the server's start). Prints JSON: the server start, the first and second request's round trip, all
-round trips, the CPU seconds the server's processes used for each request (Linux ``/proc``; steadier than
-wall time when other jobs share the cores), and how many times the server built the network (from a last
-``output=json`` request).
+reading, slices through the network, NIfTI written and sent; the network itself is built and loaded once, at the
+server's start; with the ``auto`` or ``onnx`` runtime on a CPU its ONNX export is made at the first start on a model
+and read from the cache, ``--cache_dir``, at later starts). Prints JSON: the server start, the first and second
+request's round trip, all round trips, the CPU seconds the server's processes used for each request (Linux
+``/proc``; steadier than wall time when other jobs share the cores), and how many times the server built the
+network (from a last ``output=json`` request).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--study", required=True)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--runtime", default="torch", help="the app's --conf runtime: torch, or onnx (onnxruntime, CPU)")
+    parser.add_argument("--runtime", default="auto", help="the app's --conf runtime: auto (its default), torch, or onnx")
+    parser.add_argument("--cache_dir", default=None, help="MULTIAD_CACHE_DIR of the server (where ONNX exports are kept)")
     parser.add_argument("--settings", default=None, help="the app's --conf settings: a JSON object of bundle keys, without spaces")
     args = parser.parse_args()
     studies = tempfile.mkdtemp(prefix="studies_")
@@ -66,6 +68,8 @@ def main() -> None:
     if args.settings:
         command += ["--conf", "settings", args.settings]
     environment = {**os.environ, "PATH": os.path.join(args.env, "bin") + os.pathsep + os.environ["PATH"]}
+    if args.cache_dir:
+        environment["MULTIAD_CACHE_DIR"] = os.path.abspath(args.cache_dir)
     start = time.perf_counter()
     server = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -91,6 +95,7 @@ def main() -> None:
         report["network_builds"] = json.loads(urllib.request.urlopen(request, timeout=600).read()).get("network_builds")
         report["study"] = os.path.abspath(args.study)
         report["runtime"] = args.runtime
+        report["cache_dir"] = args.cache_dir
         report["settings"] = args.settings
         print(json.dumps(report, indent=2))
     finally:

@@ -81,19 +81,66 @@ def _bundle(name: str) -> str:
     return os.path.join(BUNDLES_DIR, name)
 
 
-def test_onnx_runtime_serves_the_torch_maps(brain_run, tmp_path):
+def test_onnx_runtime_serves_the_torch_maps_and_its_export_is_cached(brain_run, tmp_path, monkeypatch):
+    import multiad_monai.inferers.onnx_model as onnx_model
     from multiad_monai.inferers.onnx_model import OnnxAnomalyNetwork
 
     cases, run = brain_run
     scan = os.path.join(cases, "case002", "flair.nii.gz")
+    cache = str(tmp_path / "cache" / "onnx")  # where MULTIAD_CACHE_DIR=tmp_path/cache puts exports
+
+    def session(runtime: str = "auto", model: str = str(run / "model.pt"), **settings) -> BundleInferenceSession:
+        return BundleInferenceSession(
+            _bundle("multiad_medical"), model, settings={"image_size": 64, **settings}, runtime=runtime, onnx_cache_dir=cache
+        )
+
     maps = {}
     for runtime in ("torch", "onnx"):
-        session = BundleInferenceSession(_bundle("multiad_medical"), str(run / "model.pt"), settings={"image_size": 64}, runtime=runtime)
+        served = session(runtime)
         out = tmp_path / runtime
-        session.run(input_path=scan, inference_dir=str(out), output_dir=str(out))
+        served.run(input_path=scan, inference_dir=str(out), output_dir=str(out))
         maps[runtime] = np.asarray(nib.load(str(out / "flair_anomaly_map.nii.gz")).dataobj)
-    assert isinstance(session.network(), OnnxAnomalyNetwork) and session.builds == 1
+    assert isinstance(served.network(), OnnxAnomalyNetwork) and served.builds == 1
     assert maps["onnx"].shape == maps["torch"].shape and np.abs(maps["onnx"] - maps["torch"]).max() < 1e-4
     assert np.abs(maps["torch"]).max() > 1e-3  # not two empty maps
     with pytest.raises(ValueError, match="CPU"):
-        session.device("cuda")
+        served.device("cuda")
+    entry = served.network().path
+    assert [p.path for p in os.scandir(cache)] == [entry]  # the export, kept in the cache
+
+    # "auto" is onnxruntime on the CPU (the onnx extra is installed here), PyTorch on a GPU
+    auto = session()
+    assert auto.runtime_for(torch.device("cpu")) == "onnx" and auto.runtime_for(torch.device("cuda")) == "torch"
+    # a second server on the same model reads the cached export instead of exporting again
+    exports = []
+    real_export = onnx_model.export_onnx
+    monkeypatch.setattr(onnx_model, "export_onnx", lambda *a, **k: exports.append(a) or real_export(*a, **k))
+    probe = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert auto.network().path == entry and exports == []
+    assert np.array_equal(auto.network().predict(probe)[0], served.network().predict(probe)[0])
+    # a damaged cache entry is exported again, not served
+    with open(entry, "wb") as f:
+        f.write(b"not onnx")
+    assert np.array_equal(session().network().predict(probe)[0], served.network().predict(probe)[0]) and len(exports) == 1
+    # `multiad infer --runtime auto` serves the same export from the cache, with the same maps
+    monkeypatch.setenv("MULTIAD_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "cli"
+    io = ["--set", f"input_path={scan}", "--set", f"inference_dir={out}"]
+    assert main(["infer", "--bundle_root", "multiad_medical", "--output_dir", str(run), "--set", "image_size=64", *io, "--runtime", "auto"]) == 0
+    cli_map = np.asarray(nib.load(str(out / "flair_anomaly_map.nii.gz")).dataobj)
+    assert len(exports) == 1 and np.abs(cli_map - maps["onnx"]).max() < 1e-6
+    # other settings, or a retrained model (other checkpoint contents), are other entries
+    mode = served.network().metadata["score_mode"]
+    retrained = tmp_path / "retrained.pt"
+    retrained.write_bytes((run / "model.pt").read_bytes() + b"\0")
+    assert served.onnx_cache_path(64, mode) == entry
+    assert session(slice_batch_size=2).onnx_cache_path(64, mode) != entry
+    assert session(model=str(retrained)).onnx_cache_path(64, mode) != entry
+
+
+def test_runtime_is_an_option_of_infer_only(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--runtime", "onnx"])
+    assert "--runtime is an option of infer" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        BundleInferenceSession(_bundle("multiad_medical"), "model.pt", runtime="tensorrt")

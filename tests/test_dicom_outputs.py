@@ -40,6 +40,15 @@ def dciodvfy_errors(path: str) -> list[str]:
     return [line for line in lines if line.startswith("Error")]
 
 
+def frames_in_source_order(derived: pydicom.Dataset, source: list[pydicom.Dataset]) -> np.ndarray:
+    """The frames of a multi-frame derived object (SEG, Parametric Map) in the order of the ``source`` slices, matched
+    by Image Position (Patient): highdicom may store them in another order."""
+    positions = [tuple(np.round(np.asarray(g.PlanePositionSequence[0].ImagePositionPatient, dtype=float), 3))
+                 for g in derived.PerFrameFunctionalGroupsSequence]
+    order = [positions.index(tuple(np.round(np.asarray(ds.ImagePositionPatient, dtype=float), 3))) for ds in source]
+    return derived.pixel_array[order]
+
+
 @pytest.fixture(scope="module")
 def phantom_series(tmp_path_factory) -> dict:
     """A phantom case as a NIfTI file and as an MR DICOM series with the same geometry (LPS-stored, 1 mm)."""
@@ -191,3 +200,27 @@ def test_nifti_inputs_get_no_dicom_outputs(phantom_series, tmp_path):
     _run(phantom_series["nifti"], str(tmp_path))
     written = sorted(os.listdir(tmp_path))
     assert "flair_anomaly_mask.nii.gz" in written and not [n for n in written if n.endswith((".dcm", "_dicom.json"))]
+
+
+def test_a_heatmap_file_becomes_a_parametric_map_of_its_series(phantom_series, tmp_path):
+    """The MONAI Label app's path: a float NIfTI heatmap computed on a conversion of the series, as a Parametric
+    Map of the series (what the app stores in a DICOMweb PACS)."""
+    from multiad_monai.data.dicom_outputs import heatmap_parametric_map
+    from multiad_monai.data.dicom_series import save_dicom_file
+
+    image = nib.load(phantom_series["nifti"])
+    heatmap = np.random.default_rng(0).random(image.shape).astype(np.float32)
+    path = str(tmp_path / "heatmap.nii.gz")
+    nib.save(nib.Nifti1Image(heatmap, image.affine), path)
+    parametric_map = heatmap_parametric_map(phantom_series["series"], path, 0.5, "1.2.3")
+    source = read_dicom_series(phantom_series["series"])
+    expected, _ = frames_on_series(heatmap, image.affine, source)
+    assert np.array_equal(frames_in_source_order(parametric_map, source), expected)
+    assert parametric_map.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
+    save_dicom_file(parametric_map, str(tmp_path / "map.dcm"))
+    assert dciodvfy_errors(str(tmp_path / "map.dcm")) == []
+    shifted = image.affine.copy()
+    shifted[:3, 3] += 0.5
+    nib.save(nib.Nifti1Image(heatmap, shifted), str(tmp_path / "elsewhere.nii.gz"))
+    with pytest.raises(DatasetError, match="elsewhere.nii.gz.*voxel grid"):
+        heatmap_parametric_map(phantom_series["series"], str(tmp_path / "elsewhere.nii.gz"), 0.5, "1.2.3")

@@ -67,6 +67,7 @@ def _server(env: str, studies, model, tmp_path, bundle: str = "multiad_medical",
         "--host", "127.0.0.1", "--port", str(port),
     ]
     environment = {**os.environ, "PATH": os.path.join(env, "bin") + os.pathsep + os.environ["PATH"]}
+    environment["MULTIAD_CACHE_DIR"] = str(tmp_path / "multiad_cache")  # ONNX exports stay in the test's folder
     log_path = tmp_path / f"server_{port}.log"
     log = open(log_path, "w")
     server = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -157,22 +158,28 @@ def test_monailabel_server_returns_the_anomaly_mask_on_the_study_grid(tmp_path):
 
 
 def test_monailabel_server_with_the_onnx_runtime_gives_the_torch_maps(tmp_path):
-    """``--conf runtime onnx`` (the benchmarked fast path): onnxruntime serves the maps and scores the torch runtime serves."""
+    """``--conf runtime onnx`` (the benchmarked fast path): onnxruntime serves the maps and scores the torch runtime
+    serves; ``auto``, the default, takes it on the CPU and reuses the export cached by the first start."""
     env = _monailabel_env()
     if subprocess.run([os.path.join(env, "bin", "python"), "-c", "import onnxruntime, onnxscript"]).returncode != 0:
         pytest.skip(f"onnxruntime / onnxscript are not installed in {env} (.ci/run installs the onnx extra there)")
     model_dir, studies = _volume_model_and_study(tmp_path)
-    results = {}
-    for runtime in ("torch", "onnx"):
+    results, logs = {}, {}
+    # "auto" on a CPU with the onnx extra is onnxruntime; its second start reads the export the first one cached
+    for run, runtime in (("torch", "torch"), ("onnx", "onnx"), ("auto", "auto")):
         with _server(env, studies, model_dir / "model.pt", tmp_path, runtime=runtime) as (base, info):
             status, body = _post(f"{base}/infer/multiad?image=study1&output=json")
             assert status == 200, body[:500]
-            results[runtime] = json.loads(body)
-            results[runtime]["map"] = np.asarray(nib.load(results[runtime]["heatmap"]).dataobj).copy()
+            results[run] = json.loads(body)
+            results[run]["map"] = np.asarray(nib.load(results[run]["heatmap"]).dataobj).copy()
+            logs[run] = (tmp_path / f"server_{base.rsplit(':', 1)[1]}.log").read_text()
     torch_map, onnx_map = results["torch"]["map"], results["onnx"]["map"]
     assert onnx_map.shape == torch_map.shape and np.abs(onnx_map - torch_map).max() < 1e-4
     assert np.allclose(results["onnx"]["slice_scores"], results["torch"]["slice_scores"], atol=1e-4)
     assert results["onnx"]["threshold"] == results["torch"]["threshold"]
+    assert "loaded on cpu, onnx" in logs["onnx"] and "read from the cache" not in logs["onnx"]
+    assert "loaded on cpu, onnx" in logs["auto"] and "read from the cache" in logs["auto"]
+    assert np.array_equal(results["auto"]["map"], onnx_map)
 
 
 def test_monailabel_server_with_a_2d_model(tiny_demo_dataset, tmp_path):

@@ -1,7 +1,7 @@
 """MONAI Label on a real PACS: the app runs with ``--studies http://127.0.0.1:PORT/dicom-web`` (Orthanc from
-``apps/orthanc/orthanc.json``); a study uploaded to Orthanc is inferred over HTTP, the reader's accepted label
-(``tag=final``) lands in Orthanc as a DICOM SEG of the study (QIDO/WADO), and the float heatmap is
-retrievable from the datastore.
+``apps/orthanc/orthanc.json``); a study uploaded to Orthanc is inferred over HTTP, the float heatmap lands in
+Orthanc as a DICOM Parametric Map of the series (and stays retrievable from the datastore), and the reader's
+accepted label (``tag=final``) lands there as a DICOM SEG of the study (QIDO/WADO).
 
 Needs the MONAI Label environment (``.monailabel-env``) with dcmqi's ``itkimage2segimage``, which MONAI
 Label's DICOMweb datastore uses to write the SEG (without it MONAI Label downloads dcmqi at start); ``.ci/run``
@@ -21,13 +21,21 @@ import pytest
 requests = pytest.importorskip("requests")
 pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed (pip install -e '.[test]')")
 
+from test_dicom_outputs import dciodvfy_errors, frames_in_source_order  # noqa: E402
 from test_dicomweb import _qido, orthanc_server  # noqa: E402
 from test_monailabel import _monailabel_env, _server  # noqa: E402
 
 from multiad_monai.apps.cli import main  # noqa: E402
 from multiad_monai.data import make_demo_volumes  # noqa: E402
-from multiad_monai.data.dicom_series import write_dicom_series  # noqa: E402
+from multiad_monai.data.dicom_outputs import frames_on_series  # noqa: E402
+from multiad_monai.data.dicom_series import read_dicom_series, save_dicom_file, write_dicom_series  # noqa: E402
 from multiad_monai.data.dicomweb import store_dicomweb_instances  # noqa: E402
+
+
+def dciodvfy_errors_of(dataset: pydicom.Dataset, tmp_path) -> list[str]:
+    path = str(tmp_path / "retrieved.dcm")
+    save_dicom_file(dataset, path)
+    return dciodvfy_errors(path)
 
 
 def test_monailabel_serves_a_dicomweb_study_and_stores_the_seg_in_orthanc(tmp_path, monkeypatch):
@@ -48,7 +56,14 @@ def test_monailabel_serves_a_dicomweb_study_and_stores_the_seg_in_orthanc(tmp_pa
         store_dicomweb_instances(dicomweb, files)
         with _server(env, dicomweb, model_dir / "model.pt", tmp_path) as (base, info):
             assert "multiad" in info["models"]
-            # the reader asks for inference on the study's series (MONAI Label's image id is the series UID)
+            # the reader asks for inference on the study's series (MONAI Label's image id is the series UID);
+            # the heatmap goes to the PACS as a Parametric Map of that series
+            response = requests.post(f"{base}/infer/multiad", params={"image": series, "output": "json"}, timeout=300)
+            assert response.status_code == 200, response.text[:500]
+            result = response.json()
+            stored_map = result["heatmap_dicom"]
+            assert "error" not in stored_map, stored_map
+            local_heatmap = nib.load(result["heatmap"])
             response = requests.post(f"{base}/infer/multiad", params={"image": series, "output": "image"}, timeout=300)
             assert response.status_code == 200, response.text[:500]
             (tmp_path / "label.nii.gz").write_bytes(response.content)
@@ -74,6 +89,16 @@ def test_monailabel_serves_a_dicomweb_study_and_stores_the_seg_in_orthanc(tmp_pa
         assert series in found and len(segs) == 1
         from dicomweb_client.api import DICOMwebClient
 
-        seg = DICOMwebClient(dicomweb).retrieve_series(study, segs[0])[0]
+        client = DICOMwebClient(dicomweb)
+        seg = client.retrieve_series(study, segs[0])[0]
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
         assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+        # WADO: the Parametric Map of the first request, on the source slices, holds the heatmap's values
+        parametric_map = client.retrieve_instance(study, stored_map["series_instance_uid"], stored_map["sop_instance_uid"])
+        assert parametric_map.SOPClassUID == pydicom.uid.ParametricMapStorage and stored_map["study_instance_uid"] == study
+        assert parametric_map.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+        assert parametric_map.FrameOfReferenceUID == source.FrameOfReferenceUID
+        source_slices = read_dicom_series(str(tmp_path / "series"))
+        expected, _ = frames_on_series(np.asarray(local_heatmap.dataobj, dtype=np.float32), local_heatmap.affine, source_slices)
+        assert np.allclose(frames_in_source_order(parametric_map, source_slices), expected, atol=1e-6)
+        assert dciodvfy_errors_of(parametric_map, tmp_path) == []

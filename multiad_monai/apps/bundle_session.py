@@ -6,15 +6,19 @@ keeps one loaded network per device, as MONAI Label's ``BasicInferTask`` does, a
 bundle's own inference workflow (MONAI's ``ConfigWorkflow``: the same preprocessing, evaluator and
 writers as ``multiad infer``) with that network put in the config's ``network`` and the config's checkpoint
 loaders left out. The bundle stays the single source of truth; only the network is reused. With
-``runtime="onnx"`` the loaded network is exported once to ONNX and run by onnxruntime (CPU).
+``runtime="onnx"`` the loaded network is exported to ONNX and run by onnxruntime (CPU); the export is kept in a
+cache keyed by the checkpoint's and configs' contents and the code, so a server restarted on the same model skips it.
+``runtime="auto"`` takes onnxruntime on the CPU where the ``onnx`` extra is installed, PyTorch elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
+import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,10 +27,14 @@ from typing import Any
 import torch
 from monai.bundle import ConfigWorkflow
 
-from multiad_monai.apps.bundles import bundle_configs
+from multiad_monai.apps.bundles import INFERENCE_RUNTIMES, bundle_configs
+from multiad_monai.data.errors import CheckpointError
 from multiad_monai.handlers.checkpoint import load_network_checkpoint
 
-__all__ = ["BundleInferenceSession"]
+__all__ = ["BundleInferenceSession", "onnx_runtime_available", "default_onnx_cache_dir"]
+
+# config keys that say where inputs and outputs are: they change no exported graph, so no cache key holds them
+_LOCATION_KEYS = frozenset({"input_path", "input_dir", "inference_dir", "output_dir", "dataset_dir", "eval_dir", "ckpt_path"})
 
 _LOADER = "NetworkCheckpointLoader"
 _WORKFLOW_LOGGER = "monai.bundle.workflows"
@@ -43,6 +51,45 @@ def _quiet(name: str) -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+def onnx_runtime_available() -> bool:
+    """Whether the ``onnx`` extra (the exporter's onnx and onnxscript, and onnxruntime) can be imported."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
+
+
+def default_onnx_cache_dir() -> str:
+    """``$MULTIAD_CACHE_DIR/onnx``, default ``~/.cache/multiad-monai/onnx``: where exported networks are kept."""
+    root = os.environ.get("MULTIAD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "multiad-monai")
+    return os.path.join(root, "onnx")
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _exporter_digest() -> str:
+    """A digest of this package's Python sources and the exporter's versions: code that builds the network, or
+    another exporter, makes another graph from the same checkpoint (an editable install keeps its version number)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder, subfolders, names in sorted(os.walk(package)):
+        subfolders.sort()
+        for name in sorted(n for n in names if n.endswith(".py")):
+            digest.update(name.encode() + bytes.fromhex(_file_digest(os.path.join(folder, name))))
+    for name in ("torch", "onnx", "onnxscript"):
+        try:
+            digest.update(f"{name}={version(name)}".encode())
+        except PackageNotFoundError:
+            digest.update(f"{name}=none".encode())
+    return digest.hexdigest()
 
 
 def _without_checkpoint_loaders(config: Any) -> Any:
@@ -66,9 +113,13 @@ class BundleInferenceSession:
         ckpt_path: the trained ``model.pt``.
         overrides: extra config files of the bundle (e.g. ``["liver_ct.json"]``).
         settings: more config keys (e.g. ``{"image_size": 256}``), as ``--set`` on the ``multiad`` command line.
-        runtime: ``"torch"`` (the network as built) or ``"onnx"``: exported once after loading
-            (:func:`~multiad_monai.inferers.onnx_model.export_onnx`, tens of seconds) and run by onnxruntime on
-            the CPU (:class:`~multiad_monai.inferers.onnx_model.OnnxAnomalyNetwork`); needs the ``onnx`` extra.
+        runtime: ``"torch"`` (the network as built), ``"onnx"``: exported after loading
+            (:func:`~multiad_monai.inferers.onnx_model.export_onnx`, tens of seconds on a CPU) and run by
+            onnxruntime on the CPU (:class:`~multiad_monai.inferers.onnx_model.OnnxAnomalyNetwork`; needs the
+            ``onnx`` extra), or ``"auto"``: ``"onnx"`` for the CPU when the extra is installed, else ``"torch"``.
+        onnx_cache_dir: where exports are kept, one file per checkpoint, configs, settings, package code and
+            exporter versions (default :func:`default_onnx_cache_dir`); a server restarted on the same model loads
+            it instead of exporting again.
 
     ``network(device)`` returns the loaded network for a device (built on the first call for that device, and
     again only when ``ckpt_path`` changed on disk); ``builds`` counts the builds. ``run(device, **values)``
@@ -83,10 +134,12 @@ class BundleInferenceSession:
         overrides: list[str] | None = None,
         settings: dict[str, Any] | None = None,
         runtime: str = "torch",
+        onnx_cache_dir: str | None = None,
     ) -> None:
-        if runtime not in ("torch", "onnx"):
-            raise ValueError(f"unknown runtime {runtime!r}; use 'torch' or 'onnx'.")
+        if runtime not in INFERENCE_RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; use one of {', '.join(INFERENCE_RUNTIMES)}.")
         self.runtime = runtime
+        self.onnx_cache_dir = onnx_cache_dir or default_onnx_cache_dir()
         self.bundle_root = os.path.abspath(bundle_root)
         self.ckpt_path = os.path.abspath(ckpt_path)
         self.overrides = list(overrides or [])
@@ -120,6 +173,12 @@ class BundleInferenceSession:
             raise ValueError(f"runtime 'onnx' runs on the CPU (onnxruntime's CPU provider), not on {device}.")
         return device
 
+    def runtime_for(self, device: torch.device) -> str:
+        """``"onnx"`` or ``"torch"``: what serves ``device`` (``"auto"`` resolved)."""
+        if self.runtime == "auto":
+            return "onnx" if device.type == "cpu" and onnx_runtime_available() else "torch"
+        return self.runtime
+
     def network(self, device: str | torch.device | None = None) -> torch.nn.Module:
         """The bundle's network on ``device`` (default: :meth:`device`) with the checkpoint loaded."""
         with self._lock:
@@ -135,24 +194,46 @@ class BundleInferenceSession:
             settings = workflow.parser.get_parsed_content("model_settings") if "model_settings" in workflow.parser else None
             load_network_checkpoint(self.ckpt_path, network, device, settings)
             network.eval()
-            if self.runtime == "onnx":
+            runtime = self.runtime_for(device)
+            if runtime == "onnx":
                 network = self._onnx(network, workflow.parser)
             self._networks[str(device)] = (network, version)
             self.builds += 1
-            logger.info(f"Multi-AD network built and {self.ckpt_path} loaded on {device}, {self.runtime} (build {self.builds})")
+            logger.info(f"Multi-AD network built and {self.ckpt_path} loaded on {device}, {runtime} (build {self.builds})")
             return network
 
-    @staticmethod
-    def _onnx(network: torch.nn.Module, parser) -> torch.nn.Module:
+    def onnx_cache_path(self, image_size: int, score_mode: str) -> str:
+        """The cache file of this session's export: named by a digest of everything the exported graph depends on."""
+        key = {
+            "checkpoint": _file_digest(self.ckpt_path),
+            "configs": [_file_digest(path) for path in self.config_files],
+            "settings": {key: value for key, value in self.settings.items() if key not in _LOCATION_KEYS},
+            "image_size": int(image_size),
+            "score_mode": score_mode,
+            "code": _exporter_digest(),
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        return os.path.join(self.onnx_cache_dir, f"{digest}.onnx")
+
+    def _onnx(self, network: torch.nn.Module, parser) -> torch.nn.Module:
         from multiad_monai.inferers.onnx_model import OnnxAnomalyNetwork, export_onnx
 
-        folder = tempfile.mkdtemp(prefix="multiad_onnx_")
-        try:  # onnxruntime holds the model in memory: the file is not needed after loading
-            path = os.path.join(folder, "model.onnx")
-            size, mode = parser.get_parsed_content("image_size"), parser.get_parsed_content("score_mode")
-            return OnnxAnomalyNetwork(export_onnx(network, path, int(size), score_mode=mode))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        size, mode = int(parser.get_parsed_content("image_size")), parser.get_parsed_content("score_mode")
+        path = self.onnx_cache_path(size, mode)
+        if os.path.isfile(path):
+            try:
+                loaded = OnnxAnomalyNetwork(path)
+                logger.info(f"ONNX export of {self.ckpt_path} read from the cache: {path}")
+                return loaded
+            except CheckpointError as error:  # a damaged cache entry is exported again, not served
+                logger.warning(f"{error}: exporting again")
+                os.remove(path)
+        os.makedirs(self.onnx_cache_dir, exist_ok=True)
+        try:
+            export_onnx(network, path, size, score_mode=mode)
+        except FileExistsError:  # another server exported the same model meanwhile
+            pass
+        return OnnxAnomalyNetwork(path)
 
     def run(self, device: str | torch.device | None = None, **values: Any) -> None:
         """Runs the inference workflow with the loaded network of ``device`` and config keys ``values``."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from importlib.resources import files
 
-__all__ = ["BUNDLES_DIR", "DEFAULT_BUNDLE", "WORKFLOW_CONFIGS", "bundle_configs", "resolve_bundle_root"]
+__all__ = ["BUNDLES_DIR", "DEFAULT_BUNDLE", "WORKFLOW_CONFIGS", "INFERENCE_RUNTIMES", "bundle_configs", "resolve_bundle_root"]
 
 BUNDLES_DIR = str(files("multiad_monai") / "bundles")
 DEFAULT_BUNDLE = os.path.join(BUNDLES_DIR, "multiad_2d")
@@ -23,6 +23,9 @@ WORKFLOW_CONFIGS = {
     "evaluate": ["train.json", "evaluate.json"],
     "infer": ["inference.json"],
 }
+# what serves the network at inference: "auto" (onnxruntime on a CPU where the onnx extra is installed, else
+# PyTorch), "torch", "onnx" (BundleInferenceSession; the CLI's and the MONAI Label app's --runtime)
+INFERENCE_RUNTIMES = ("auto", "torch", "onnx")
 # the names used before the bundles took the model-zoo form
 _ALIASES = {"training": "train", "evaluating": "evaluate", "inferring": "infer"}
 

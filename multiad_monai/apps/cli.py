@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from multiad_monai.apps.bundles import BUNDLES_DIR, DEFAULT_BUNDLE, bundle_configs, resolve_bundle_root
+from multiad_monai.apps.bundles import BUNDLES_DIR, DEFAULT_BUNDLE, INFERENCE_RUNTIMES, bundle_configs, resolve_bundle_root
 from multiad_monai.apps.tracking import TRACKERS, mlflow_settings
 from multiad_monai.data.errors import root_cause
 
@@ -119,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking", choices=TRACKERS, default=None, help="train/evaluate: record the run with MLflow "
                         "(needs the mlflow extra: pip install 'multiad-monai[mlflow]')")
     parser.add_argument("--tracking_uri", default=None, help="MLflow tracking URI (default: a local store, OUTPUT_DIR/mlruns.db)")
+    parser.add_argument(
+        "--runtime", choices=INFERENCE_RUNTIMES, default="torch", help="infer: torch (default); onnx: the network exported to ONNX "
+        "(once per model, then cached) and run by onnxruntime on the CPU, needs the onnx extra; auto: onnx on a CPU with the extra"
+    )
     args = parser.parse_args(argv)
+    if args.runtime != "torch" and args.command != "infer":
+        parser.error("--runtime is an option of infer")
     if args.command == "export":
         return _export(args, parser)
 
@@ -155,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     for workflow in workflows[args.command]:
         start = time.perf_counter()
         try:
-            run_bundle(bundle_root, workflow, overrides, tracking=tracking if workflow != "infer" else None, **values)
+            if workflow == "infer" and args.runtime != "torch":
+                _infer_with_session(bundle_root, overrides, values, args.runtime)
+            else:
+                run_bundle(bundle_root, workflow, overrides, tracking=tracking if workflow != "infer" else None, **values)
         except Exception as error:  # one clear line for the user; the full chain only with MULTIAD_DEBUG=1
             if os.environ.get("MULTIAD_DEBUG"):
                 raise
@@ -176,6 +185,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ({note})")
     print(f"[multiad] {_main_output(args.command, bundle_root, overrides, values)}", flush=True)
     return 0
+
+
+def _infer_with_session(bundle_root: str, overrides: list[str], values: dict, runtime: str) -> None:
+    """``infer`` through :class:`~multiad_monai.apps.bundle_session.BundleInferenceSession`: the same workflow as
+    :func:`run_bundle`, with the network served by ``runtime`` (its ONNX export cached per model)."""
+    import logging.config
+
+    from monai.bundle import ConfigParser
+
+    from multiad_monai.apps.bundle_session import BundleInferenceSession
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle_root, "infer", overrides))
+    parser.update({"bundle_root": bundle_root, **values})
+    logging.config.fileConfig(os.path.join(bundle_root, "configs", "logging.conf"), disable_existing_loggers=False)
+    BundleInferenceSession(bundle_root, parser.get_parsed_content("ckpt_path"), overrides, values, runtime).run()
 
 
 def _close_progress_bars() -> None:

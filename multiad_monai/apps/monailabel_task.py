@@ -34,7 +34,7 @@ from multiad_monai.apps.cli import bundle_configs, defines_key, root_cause
 from multiad_monai.data.errors import DatasetError
 from multiad_monai.data.mvtec import IMAGE_EXTENSIONS
 
-__all__ = ["MultiADInferTask"]
+__all__ = ["MultiADInferTask", "store_heatmap_in_dicomweb"]
 
 
 def _saved_threshold(ckpt_path: str) -> float:
@@ -85,6 +85,41 @@ def _threshold_volume_map(map_path: str, threshold: float, label_path: str) -> N
     nib.save(image, label_path)
 
 
+def _cached_series_folder(datastore: Any, series_uid: str) -> str:
+    """The folder of DICOM files MONAI Label's DICOMweb datastore downloaded for ``series_uid``: its image URI when
+    it serves DICOM folders, else the folder beside the NIfTI it converted them to (MONAI Label's cache layout)."""
+    uri = datastore.get_image_uri(series_uid)
+    return uri if os.path.isdir(uri) else os.path.join(os.path.dirname(uri), series_uid)
+
+
+def store_heatmap_in_dicomweb(
+    datastore: Any, series_uid: str, heatmap_path: str, threshold: float, model_version: str
+) -> dict[str, str]:
+    """Store the float heatmap of a study served by MONAI Label's ``DICOMWebDatastore`` in that DICOMweb server,
+    as a DICOM Parametric Map of the series ``series_uid``
+    (:func:`~multiad_monai.data.dicom_outputs.heatmap_parametric_map`), so a PACS viewer shows it beside the study.
+
+    Needs highdicom (in MONAI Label's environment, pydicom 2: highdicom 0.22). Returns the stored object's
+    ``study_instance_uid``, ``series_instance_uid`` and ``sop_instance_uid``.
+    """
+    from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
+
+    from multiad_monai.data.dicom_outputs import heatmap_parametric_map
+    from multiad_monai.data.dicom_series import save_dicom_file
+
+    parametric_map = heatmap_parametric_map(_cached_series_folder(datastore, series_uid), heatmap_path, threshold, model_version)
+    with tempfile.TemporaryDirectory(prefix="multiad_pm_") as folder:
+        path = os.path.join(folder, "anomaly_map.dcm")
+        save_dicom_file(parametric_map, path)
+        # the datastore's own client: it carries the server's address and credentials
+        dicom_web_upload_dcm(path, datastore._client)
+    return {
+        "study_instance_uid": str(parametric_map.StudyInstanceUID),
+        "series_instance_uid": str(parametric_map.SeriesInstanceUID),
+        "sop_instance_uid": str(parametric_map.SOPInstanceUID),
+    }
+
+
 class MultiADInferTask(InferTask):
     """Anomaly map and mask of one study through a bundle's inference workflow.
 
@@ -105,8 +140,9 @@ class MultiADInferTask(InferTask):
         overrides: extra config files of the bundle (e.g. ``["liver_ct.json"]``).
         settings: more config keys (e.g. ``{"image_size": 256}``), as on the ``multiad`` command line.
         heatmap_dir: where the float anomaly maps are kept for the reader; default a folder beside the model.
-        runtime: ``"torch"``, or ``"onnx"`` (the loaded network exported once at the start and run by
-            onnxruntime on the CPU; see :class:`~multiad_monai.apps.bundle_session.BundleInferenceSession`).
+        runtime: ``"auto"`` (onnxruntime on the CPU where the ``onnx`` extra is installed, else PyTorch),
+            ``"torch"`` or ``"onnx"``; an ONNX export is made once per model and kept in a cache
+            (:class:`~multiad_monai.apps.bundle_session.BundleInferenceSession`).
     """
 
     def __init__(
@@ -116,12 +152,13 @@ class MultiADInferTask(InferTask):
         overrides: list[str] | None = None,
         settings: dict[str, Any] | None = None,
         heatmap_dir: str | None = None,
-        runtime: str = "torch",
+        runtime: str = "auto",
     ) -> None:
         self.bundle_root = os.path.abspath(bundle_root)
         parser = ConfigParser()
         parser.read_config(bundle_configs(self.bundle_root, "inferring", overrides))
         self.volumetric = defines_key(parser, "input_path")
+        self.model_version = str(ConfigParser.load_config_file(os.path.join(self.bundle_root, "configs", "metadata.json"))["version"])
         self.ckpt_path = os.path.abspath(ckpt_path)
         if not os.path.isfile(self.ckpt_path):
             raise FileNotFoundError(f"Multi-AD model not found: {self.ckpt_path!r} (--conf model PATH/model.pt)")

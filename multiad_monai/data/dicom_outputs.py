@@ -7,12 +7,14 @@ the scores, the threshold and what the values mean, and the UIDs of the objects 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 from collections.abc import Sequence
 
 import highdicom as hd
+import nibabel as nib
 import numpy as np
 import pydicom
 import torch
@@ -20,10 +22,13 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from multiad_monai.atomic import atomic_path
-from multiad_monai.data.dicom_series import RAS_TO_LPS, read_dicom_series
+from multiad_monai.data.dicom_series import RAS_TO_LPS, read_dicom_series, save_dicom_file
 from multiad_monai.data.errors import DatasetError
 
-__all__ = ["frames_on_series", "anomaly_segmentation", "anomaly_parametric_map", "write_dicom_outputs", "SOFTWARE_NAME"]
+__all__ = [
+    "frames_on_series", "anomaly_segmentation", "anomaly_parametric_map", "heatmap_parametric_map", "write_dicom_outputs",
+    "SOFTWARE_NAME",
+]
 
 SOFTWARE_NAME = "multiad-monai"
 # A voxel centre may be this far (in voxels) from the map's grid before the series counts as another grid.
@@ -161,16 +166,18 @@ def anomaly_parametric_map(
         slope=1.0,
         intercept=0.0,
     )
-    window = hd.VOILUTTransformation(
-        window_center=center, window_width=width, window_explanation="0 to twice the threshold" if math.isfinite(threshold) else "value range"
-    )
+    if "voi_lut_transformations" in inspect.signature(hd.pm.ParametricMap).parameters:
+        explained = "0 to twice the threshold" if math.isfinite(threshold) else "value range"
+        window = {"voi_lut_transformations": [hd.VOILUTTransformation(window_center=center, window_width=width, window_explanation=explained)]}
+    else:  # highdicom < 0.23 (pydicom 2, MONAI Label's environment): a window without its explanation
+        window = {"window_center": center, "window_width": width}
     parametric_map = hd.pm.ParametricMap(
         source_images=list(source),
         pixel_array=values,
         **_derived_series(series_number, model_version),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        voi_lut_transformations=[window],
+        **window,
         content_description="anomaly heatmap",
         content_label="ANOMALY_MAP",
         series_description="multiad anomaly heatmap",
@@ -180,9 +187,25 @@ def anomaly_parametric_map(
     return parametric_map
 
 
+def heatmap_parametric_map(
+    series: str, heatmap_path: str, threshold: float, model_version: str, series_number: int = 902
+) -> hd.pm.ParametricMap:
+    """The float heatmap file ``heatmap_path`` (NIfTI, computed on the DICOM series ``series``, e.g. from a
+    conversion of it) as a Parametric Map of that series (:func:`anomaly_parametric_map`).
+
+    Raises:
+        DatasetError: naming the heatmap, when the series cannot be read or the map is not on its grid.
+    """
+    image = nib.load(heatmap_path)
+    volume = np.asarray(image.dataobj, dtype=np.float32)
+    datasets = read_dicom_series(series)
+    frames, _ = frames_on_series(volume, np.asarray(image.affine, dtype=np.float64), datasets, name=repr(heatmap_path))
+    return anomaly_parametric_map(datasets, frames, threshold, model_version, series_number)
+
+
 def _save(dataset: pydicom.Dataset, path: str) -> None:
     with atomic_path(path, suffix=".dcm") as tmp:
-        dataset.save_as(tmp, enforce_file_format=True)
+        save_dicom_file(dataset, tmp)
 
 
 def _finite_or_none(value: float) -> float | None:

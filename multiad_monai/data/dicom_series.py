@@ -18,12 +18,21 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, gene
 
 from multiad_monai.data.errors import DatasetError
 
-__all__ = ["write_dicom_series", "read_dicom_series", "is_dicom_source", "RAS_TO_LPS"]
+__all__ = ["write_dicom_series", "read_dicom_series", "is_dicom_source", "save_dicom_file", "RAS_TO_LPS"]
 
 # MONAI and NIfTI affines map voxels to RAS millimetres; DICOM patient coordinates are LPS.
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _STORAGE = {"MR": pydicom.uid.MRImageStorage, "CT": pydicom.uid.CTImageStorage}
+
+
+def save_dicom_file(dataset: pydicom.Dataset, path: str) -> None:
+    """Write ``dataset`` as a DICOM file with preamble and file meta, under pydicom 3 (the main environment) and
+    pydicom 2 (MONAI Label's environment pins ``pydicom<3``, where ``save_as`` has no ``enforce_file_format``)."""
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        dataset.save_as(path, enforce_file_format=True)
+    else:
+        dataset.save_as(path, write_like_original=False)
 
 
 def _shared_attributes(
@@ -148,7 +157,7 @@ def write_dicom_series(
             meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
             ds.file_meta = meta
             name = f"IM{k:04d}.dcm"
-            ds.save_as(os.path.join(staging, name), enforce_file_format=True)
+            save_dicom_file(ds, os.path.join(staging, name))
             paths.append(os.path.join(folder, name))
         os.rename(staging, folder)
     except BaseException:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import pydicom
 
+from multiad_monai.data.dicom_series import save_dicom_file
 from multiad_monai.data.errors import DatasetError, first_line
 
 __all__ = ["is_dicomweb_url", "parse_dicomweb_url", "retrieve_dicomweb_series", "store_dicomweb_instances", "dicomweb_origin", "ORIGIN_FILE"]
@@ -106,7 +107,7 @@ def retrieve_dicomweb_series(url: str, folder: str) -> list[str]:
             staging = tempfile.mkdtemp(prefix=".series-", dir=folder)
             try:
                 for ds in datasets:
-                    ds.save_as(os.path.join(staging, f"{ds.SOPInstanceUID}.dcm"), enforce_file_format=True)
+                    save_dicom_file(ds, os.path.join(staging, f"{ds.SOPInstanceUID}.dcm"))
                 with open(os.path.join(staging, ORIGIN_FILE), "w") as f:
                     json.dump({"base_url": base, "study_instance_uid": study, "series_instance_uid": uid}, f, indent=2)
                 if os.path.isdir(target):
