@@ -172,3 +172,32 @@ def test_periodic_refit_handlers_attach_only_for_their_part_and_refit_every_inte
     with caplog.at_level("INFO"):
         engine.run([0], max_epochs=5)
     assert counting.epochs == [2, 4] and "refitted on cpu" in caplog.text
+
+
+def test_normal_statistics_cache_gives_the_same_fit_without_the_loader(tiny_demo_dataset):
+    torch.manual_seed(0)
+    network = MultiAD(
+        EfficientNetLiteEncoder(image_size=64),
+        EfficientNetLiteEncoder(pretrained=False, image_size=64),
+        map_generator=AnomalyMapGenerator(num_levels=4, sigma=0, level_normalization="level"),
+    ).eval()
+    items = mvtec_datalist(tiny_demo_dataset, "train")[:6]
+    transform = image_transforms_2d(64, input_mean("efficientnet-lite0"), input_std("efficientnet-lite0"), with_mask=False)
+    loader = DataLoader(Dataset(items, transform), batch_size=4)
+    assert fit_normal_statistics(network, loader, max_images=5) == 5
+    plain = network.map_generator.normal_mean.clone(), network.map_generator.normal_std.clone()
+    cache: list = []
+    assert fit_normal_statistics(network, loader, max_images=5, cache=cache) == 5
+    assert sum(images.shape[0] for images, _ in cache) == 5
+    assert torch.equal(network.map_generator.normal_std, plain[1])
+    with torch.no_grad():  # the student moves between fits; the next fit must see it, not the loader
+        next(network.student.parameters()).mul_(1.1)
+    assert fit_normal_statistics(network, [], max_images=5, cache=cache) == 5  # no loader needed
+    cached = network.map_generator.normal_mean.clone(), network.map_generator.normal_std.clone()
+    assert not torch.equal(cached[1], plain[1])
+    assert fit_normal_statistics(network, loader, max_images=5) == 5
+    assert torch.allclose(network.map_generator.normal_mean, cached[0], atol=1e-6)
+    assert torch.allclose(network.map_generator.normal_std, cached[1], atol=1e-6)
+    small: list = []
+    fit_normal_statistics(network, loader, max_images=5, cache=small, cache_bytes=1000)
+    assert small == []  # more than cache_bytes: nothing kept, the next fit reads the loader again

@@ -158,7 +158,8 @@ class MultiADInferTask(InferTask):
         parser = ConfigParser()
         parser.read_config(bundle_configs(self.bundle_root, "inferring", overrides))
         self.volumetric = defines_key(parser, "input_path")
-        self.model_version = str(ConfigParser.load_config_file(os.path.join(self.bundle_root, "configs", "metadata.json"))["version"])
+        metadata = ConfigParser.load_config_file(os.path.join(self.bundle_root, "configs", "metadata.json"))
+        self.model_version = str(metadata["version"])  # the algorithm version of the DICOM objects written
         self.ckpt_path = os.path.abspath(ckpt_path)
         if not os.path.isfile(self.ckpt_path):
             raise FileNotFoundError(f"Multi-AD model not found: {self.ckpt_path!r} (--conf model PATH/model.pt)")
