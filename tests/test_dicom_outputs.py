@@ -224,3 +224,16 @@ def test_a_heatmap_file_becomes_a_parametric_map_of_its_series(phantom_series, t
     nib.save(nib.Nifti1Image(heatmap, shifted), str(tmp_path / "elsewhere.nii.gz"))
     with pytest.raises(DatasetError, match="elsewhere.nii.gz.*voxel grid"):
         heatmap_parametric_map(phantom_series["series"], str(tmp_path / "elsewhere.nii.gz"), 0.5, "1.2.3")
+
+
+def test_an_old_highdicom_with_numpy_2_refuses_the_seg_in_one_line(phantom_series, monkeypatch):
+    """MONAI Label's environment (pydicom 2) has highdicom 0.22, whose Segmentation code fails under NumPy 2 with an
+    AttributeError deep inside; the SEG is refused with the reason instead (the handler then warns and keeps NIfTI)."""
+    from multiad_monai.data.dicom_outputs import anomaly_segmentation
+
+    source = read_dicom_series(phantom_series["series"])
+    mask = np.zeros((len(source), int(source[0].Rows), int(source[0].Columns)), dtype=np.uint8)
+    monkeypatch.setattr(hd, "__version__", "0.22.0")
+    monkeypatch.setattr(np, "__version__", "2.1.0")
+    with pytest.raises(NotImplementedError, match="highdicom 0.22.0 cannot write a DICOM Segmentation with NumPy 2.1.0"):
+        anomaly_segmentation(source, mask, 0.5, "1")

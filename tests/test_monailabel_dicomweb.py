@@ -38,7 +38,7 @@ def dciodvfy_errors_of(dataset: pydicom.Dataset, tmp_path) -> list[str]:
     return dciodvfy_errors(path)
 
 
-def test_monailabel_serves_a_dicomweb_study_and_stores_the_seg_in_orthanc(tmp_path, monkeypatch):
+def test_monailabel_serves_a_dicomweb_study_and_stores_heatmap_and_seg_in_orthanc(tmp_path, monkeypatch):
     env = _monailabel_env()
     if not os.path.isfile(os.path.join(env, "bin", "itkimage2segimage")):
         pytest.skip(f"dcmqi (itkimage2segimage) is not installed in {env}; .ci/run installs it (pip install dcmqi)")
@@ -63,7 +63,8 @@ def test_monailabel_serves_a_dicomweb_study_and_stores_the_seg_in_orthanc(tmp_pa
             result = response.json()
             stored_map = result["heatmap_dicom"]
             assert "error" not in stored_map, stored_map
-            local_heatmap = nib.load(result["heatmap"])
+            kept = nib.load(result["heatmap"])  # read now: the next request keeps its heatmap under the same name
+            heatmap_values, heatmap_affine = np.asarray(kept.dataobj, dtype=np.float32).copy(), kept.affine
             response = requests.post(f"{base}/infer/multiad", params={"image": series, "output": "image"}, timeout=300)
             assert response.status_code == 200, response.text[:500]
             (tmp_path / "label.nii.gz").write_bytes(response.content)
@@ -99,6 +100,6 @@ def test_monailabel_serves_a_dicomweb_study_and_stores_the_seg_in_orthanc(tmp_pa
         assert parametric_map.ReferencedSeriesSequence[0].SeriesInstanceUID == series
         assert parametric_map.FrameOfReferenceUID == source.FrameOfReferenceUID
         source_slices = read_dicom_series(str(tmp_path / "series"))
-        expected, _ = frames_on_series(np.asarray(local_heatmap.dataobj, dtype=np.float32), local_heatmap.affine, source_slices)
+        expected, _ = frames_on_series(heatmap_values, heatmap_affine, source_slices)
         assert np.allclose(frames_in_source_order(parametric_map, source_slices), expected, atol=1e-6)
         assert dciodvfy_errors_of(parametric_map, tmp_path) == []

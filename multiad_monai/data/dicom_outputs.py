@@ -115,11 +115,26 @@ def _derived_series(series_number: int, model_version: str) -> dict:
     )
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def anomaly_segmentation(
     source: Sequence[pydicom.Dataset], mask: np.ndarray, threshold: float, model_version: str, series_number: int = 901
 ) -> hd.seg.Segmentation:
     """A binary DICOM Segmentation, one segment ``anomaly``, of ``mask (N, Rows, Columns)`` on the ``source``
-    slices (frame ``n`` on ``source[n]``), naming multiad-monai and ``model_version`` as its algorithm."""
+    slices (frame ``n`` on ``source[n]``), naming multiad-monai and ``model_version`` as its algorithm.
+
+    Raises:
+        NotImplementedError: highdicom before 0.23 (the last for pydicom 2) with NumPy 2, whose Segmentation
+            code uses a NumPy name NumPy 2 removed (Parametric Maps are not affected).
+    """
+    if _major_minor(hd.__version__) < (0, 23) and _major_minor(np.__version__) >= (2, 0):
+        raise NotImplementedError(
+            f"highdicom {hd.__version__} cannot write a DICOM Segmentation with NumPy {np.__version__}: use highdicom "
+            ">= 0.23 (with pydicom 3), or NumPy < 2."
+        )
     segment = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label="anomaly",
