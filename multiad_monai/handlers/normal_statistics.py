@@ -14,14 +14,15 @@ __all__ = ["NormalStatisticsHandler", "fit_normal_statistics"]
 
 def _normal_batches(network: torch.nn.Module, data_loader, device, max_images: int, cache: list | None, cache_bytes: int):
     """``(images, teacher features)`` of the first ``max_images`` images of ``data_loader``; from ``cache`` when it
-    holds them, filling an empty ``cache`` on the way unless they would take more than ``cache_bytes``."""
+    holds them, filling an empty ``cache`` on the way unless they would take more than ``cache_bytes``. Without a
+    cache (or past its budget) the teacher features are None: the caller runs ``network.features``."""
     if cache:
         yield from cache
         return
     kept, size, count = ([] if cache is not None else None), 0, 0
     for batch in data_loader:
         images = to_device(batch["image"], torch.device(device), False, True)[: max_images - count]
-        teacher = network.teacher(images)
+        teacher = network.teacher(images) if kept is not None else None
         count += images.shape[0]
         if kept is not None:
             size += sum(t.numel() * t.element_size() for t in [images, *teacher])
@@ -59,7 +60,8 @@ def fit_normal_statistics(
     network.eval()
     with torch.no_grad():
         for images, teacher in _normal_batches(network, data_loader, device, max_images, cache, cache_bytes):
-            maps = generator.raw_level_maps(teacher, network.student(images), images.shape[2:]).to("cpu", torch.float64)
+            teacher, student = network.features(images) if teacher is None else (teacher, network.student(images))
+            maps = generator.raw_level_maps(teacher, student, images.shape[2:]).to("cpu", torch.float64)
             total = maps.sum(0) if total is None else total + maps.sum(0)
             total_sq = maps.square().sum(0) if total_sq is None else total_sq + maps.square().sum(0)
             count += maps.shape[0]
