@@ -78,16 +78,22 @@ def test_report_plots_and_mistake_ranking(tmp_path):
     assert (tmp_path / "report" / "false_positive_00.png").is_file()
 
 
-def test_fit_normal_statistics_matches_the_maps_of_the_loader(tiny_demo_dataset):
+def _normal_statistics_setup(dataset_dir: str, level_normalization: str) -> tuple:
+    """A small teacher-student network normalising its levels, six normal training items, their transform and a
+    loader of them (batch 4)."""
     torch.manual_seed(0)
     network = MultiAD(
         EfficientNetLiteEncoder(image_size=64),
         EfficientNetLiteEncoder(pretrained=False, image_size=64),
-        map_generator=AnomalyMapGenerator(num_levels=4, sigma=0, level_normalization="pixel"),
+        map_generator=AnomalyMapGenerator(num_levels=4, sigma=0, level_normalization=level_normalization),
     ).eval()
-    items = mvtec_datalist(tiny_demo_dataset, "train")[:6]
+    items = mvtec_datalist(dataset_dir, "train")[:6]
     transform = image_transforms_2d(64, input_mean("efficientnet-lite0"), input_std("efficientnet-lite0"), with_mask=False)
-    loader = DataLoader(Dataset(items, transform), batch_size=4)
+    return network, items, transform, DataLoader(Dataset(items, transform), batch_size=4)
+
+
+def test_fit_normal_statistics_matches_the_maps_of_the_loader(tiny_demo_dataset):
+    network, items, transform, loader = _normal_statistics_setup(tiny_demo_dataset, "pixel")
     assert fit_normal_statistics(network, loader, max_images=5) == 5
     images = torch.stack([transform(item)["image"] for item in items[:5]])
     with torch.no_grad():
@@ -175,15 +181,7 @@ def test_periodic_refit_handlers_attach_only_for_their_part_and_refit_every_inte
 
 
 def test_normal_statistics_cache_gives_the_same_fit_without_the_loader(tiny_demo_dataset):
-    torch.manual_seed(0)
-    network = MultiAD(
-        EfficientNetLiteEncoder(image_size=64),
-        EfficientNetLiteEncoder(pretrained=False, image_size=64),
-        map_generator=AnomalyMapGenerator(num_levels=4, sigma=0, level_normalization="level"),
-    ).eval()
-    items = mvtec_datalist(tiny_demo_dataset, "train")[:6]
-    transform = image_transforms_2d(64, input_mean("efficientnet-lite0"), input_std("efficientnet-lite0"), with_mask=False)
-    loader = DataLoader(Dataset(items, transform), batch_size=4)
+    network, _, _, loader = _normal_statistics_setup(tiny_demo_dataset, "level")
     assert fit_normal_statistics(network, loader, max_images=5) == 5
     plain = network.map_generator.normal_mean.clone(), network.map_generator.normal_std.clone()
     cache: list = []

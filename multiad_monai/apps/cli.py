@@ -187,18 +187,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _resolved_configs(bundle_root: str, workflow: str, overrides: list[str], values: dict):
+    """A ``ConfigParser`` of ``workflow``'s configs with the command's values set, to read keys such as ``ckpt_path``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle_root, workflow, overrides))
+    parser.update({"bundle_root": bundle_root, **values})
+    return parser
+
+
 def _infer_with_session(bundle_root: str, overrides: list[str], values: dict, runtime: str) -> None:
     """``infer`` through :class:`~multiad_monai.apps.bundle_session.BundleInferenceSession`: the same workflow as
     :func:`run_bundle`, with the network served by ``runtime`` (its ONNX export cached per model)."""
     import logging.config
 
-    from monai.bundle import ConfigParser
-
     from multiad_monai.apps.bundle_session import BundleInferenceSession
 
-    parser = ConfigParser()
-    parser.read_config(bundle_configs(bundle_root, "infer", overrides))
-    parser.update({"bundle_root": bundle_root, **values})
+    parser = _resolved_configs(bundle_root, "infer", overrides, values)
     logging.config.fileConfig(os.path.join(bundle_root, "configs", "logging.conf"), disable_existing_loggers=False)
     BundleInferenceSession(bundle_root, parser.get_parsed_content("ckpt_path"), overrides, values, runtime).run()
 
@@ -213,12 +219,8 @@ def _close_progress_bars() -> None:
 
 def _main_output(command: str, bundle_root: str, overrides: list[str], values: dict) -> str:
     """The line that ends a command: where its main output is."""
-    from monai.bundle import ConfigParser
-
     workflow = {"demo": "evaluate", "train": "train", "evaluate": "evaluate", "infer": "infer"}[command]
-    parser = ConfigParser()
-    parser.read_config(bundle_configs(bundle_root, workflow, overrides))
-    parser.update({"bundle_root": bundle_root, **values})
+    parser = _resolved_configs(bundle_root, workflow, overrides, values)
     if workflow == "train":
         checkpoint = parser.get_parsed_content("ckpt_path")
         if os.path.isfile(checkpoint):

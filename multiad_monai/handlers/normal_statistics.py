@@ -26,7 +26,10 @@ def _normal_batches(network: torch.nn.Module, data_loader, device, max_images: i
         count += images.shape[0]
         if kept is not None:
             size += sum(t.numel() * t.element_size() for t in [images, *teacher])
-            kept = kept + [(images, teacher)] if size <= cache_bytes else None  # too large: not cached at all
+            if size <= cache_bytes:
+                kept.append((images, teacher))
+            else:
+                kept = None  # too large: not cached at all
         yield images, teacher
         if count >= max_images:
             break
