@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from monai.data import CacheDataset, DataLoader, Dataset
 
 from multiad_monai.data import mvtec_datalist, split_train_validation, synthetic_validation_datalist
 from multiad_monai.engines import AnomalyEvaluator, MultiADTrainer
 from multiad_monai.handlers import NormalThresholdHandler
+from multiad_monai.inferers import image_score
 from multiad_monai.metrics import AnomalyDetectionMetrics, NormalFitScore, ValidationScore
 from multiad_monai.networks import (
     EfficientNetLiteEncoder,
@@ -143,6 +144,23 @@ def test_evaluator_outputs_metrics_and_threshold(tiny_demo_dataset):
     assert float(network.threshold) == float(scores[labels == 0].max())
     assert outputs[0]["anomaly_map"].shape[1:] == (1, 64, 64)
     assert all("+synthetic" in n or "good/" in n for o in outputs for n in o["name"])
+
+
+@pytest.mark.parametrize("use_map_maximum", [False, True])
+def test_threshold_from_map_maxima_for_a_top_pixels_score(use_map_maximum):
+    maps = torch.rand(6, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    scores = image_score(maps, "topk")
+    engine = Engine(lambda e, batch: {"label": labels, "score": scores, "anomaly_map": maps})
+    network = _network()
+    NormalThresholdHandler(network, quantile=1.0, use_map_maximum=use_map_maximum).attach(engine)
+    engine.run([0], max_epochs=1)
+
+    normal = maps[labels == 0].flatten(1).amax(dim=1) if use_map_maximum else scores[labels == 0]
+    assert float(network.threshold) == pytest.approx(float(normal.max()))
+    masks = maps[labels == 0] >= network.threshold
+    # from the maxima, no normal image gets a marked pixel above the quantile; from the top-1% means, most do
+    assert (int(masks.flatten(1).any(dim=1).sum()) == 1) == use_map_maximum
 
 
 def test_training_chain_is_fully_cached_with_teacher_features(tiny_demo_dataset):

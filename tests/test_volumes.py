@@ -341,6 +341,27 @@ def test_volume_inferer_finds_the_lesion(phantom, loaded, axis):
     torch.testing.assert_close(same.as_tensor(), anomaly_map.as_tensor())
 
 
+def test_volume_inferer_skips_slices_without_foreground(phantom, loaded):
+    class CountingNet(MedianDeviationNet):
+        slices_seen = 0
+
+        def forward(self, images):
+            CountingNet.slices_seen += images.shape[0]
+            return super().forward(images)
+
+    network = CountingNet()
+    masked, masked_scores, _ = VolumeAnomalyInferer(network, batch_size=3, image_size=64)(loaded["image"], loaded["brain"])
+    brain = torch.as_tensor(ras(phantom["brain_array"]))
+    slices_with_brain = int(brain.flatten(0, 1).any(dim=0).sum())
+    assert 0 < slices_with_brain < SHAPE[2] and CountingNet.slices_seen == slices_with_brain
+
+    whole, *_ = VolumeAnomalyInferer(network, batch_size=3, image_size=64)(loaded["image"])
+    expected = whole.as_tensor() * brain
+    torch.testing.assert_close(masked.as_tensor(), expected)
+    expected_scores = [float(expected[..., i].max()) for i in range(SHAPE[2])]
+    np.testing.assert_allclose(masked_scores, expected_scores, rtol=1e-6)
+
+
 def test_volume_inferer_turns_slices_back(loaded):
     network = MedianDeviationNet()
     plain, *_ = VolumeAnomalyInferer(network, image_size=48)(loaded["image"])

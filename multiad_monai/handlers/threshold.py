@@ -11,7 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.utils.data import DataLoader
 
-from multiad_monai.engines.evaluator import SCORE_KEY
+from multiad_monai.engines.evaluator import MAP_KEY, SCORE_KEY
 from multiad_monai.metrics.cumulative import all_gather_array
 from multiad_monai.metrics.functional import f1_max
 
@@ -24,21 +24,27 @@ class NormalThresholdHandler:
     """Sets ``network.threshold`` to a quantile of the image scores of NORMAL samples (label 0) seen by an
     evaluator, and ``network.score_scale`` to their standard deviation (for 0-1 normalised scores).
 
-    Because the image score is the map maximum, the same threshold on the map gives a binary mask that is
-    empty exactly when the image is called normal.
+    When the image score is the map maximum, the same threshold on the map gives a binary mask that is
+    empty exactly when the image is called normal. With another image score (the mean of the top pixels, lower
+    than the maximum) a threshold from the scores would mark pixels on most normal images; ``use_map_maximum``
+    takes each normal image's map maximum instead, so that the mask keeps that meaning.
 
     Args:
         network: module with ``threshold`` and ``score_scale`` buffers (:class:`MultiAD`).
         quantile: quantile of the normal scores; 0.99 flags about 1% of normal images.
         label_key: key of the image label in ``engine.state.output``.
+        use_map_maximum: estimate from the maxima of the maps ``(B, 1, H, W)`` in the output, not from its scores.
     """
 
-    def __init__(self, network: torch.nn.Module, quantile: float = 0.99, label_key: str = "label") -> None:
+    def __init__(
+        self, network: torch.nn.Module, quantile: float = 0.99, label_key: str = "label", use_map_maximum: bool = False
+    ) -> None:
         if not 0.0 < quantile <= 1.0:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}.")
         self.network = network
         self.quantile = quantile
         self.label_key = label_key
+        self.use_map_maximum = use_map_maximum
         self._normal_scores: list[np.ndarray] = []
         self.logger = logging.getLogger(__name__)
 
@@ -52,7 +58,10 @@ class NormalThresholdHandler:
 
     def _collect(self, engine: Engine) -> None:
         output = engine.state.output
-        scores = torch.as_tensor(output[SCORE_KEY]).reshape(-1).float().cpu().numpy()
+        if self.use_map_maximum:
+            scores = torch.as_tensor(output[MAP_KEY]).flatten(1).amax(dim=1).float().cpu().numpy()
+        else:
+            scores = torch.as_tensor(output[SCORE_KEY]).reshape(-1).float().cpu().numpy()
         labels = output.get(self.label_key)
         if labels is None:  # an unlabelled validation set is taken as all normal
             self._normal_scores.append(scores)
@@ -70,7 +79,8 @@ class NormalThresholdHandler:
         self.network.threshold.fill_(threshold)
         self.network.score_scale.fill_(scale)
         engine.state.metrics["threshold"] = threshold
-        self.logger.info(f"anomaly threshold {threshold:.5f} from {normal.size} normal validation scores (q={self.quantile})")
+        source = "map maxima" if self.use_map_maximum else "scores"
+        self.logger.info(f"anomaly threshold {threshold:.5f} from {normal.size} normal validation {source} (q={self.quantile})")
 
 
 def lesion_validation_set(

@@ -145,19 +145,22 @@ class VolumeAnomalyInferer:
         inside = None
         if mask is not None and self.mask_to_foreground:
             inside = (convert_to_tensor(mask, track_meta=False) > 0).any(dim=0, keepdim=True).cpu()[region]
+        # Slices without foreground keep a zero map and score, which is what masking their maps would give.
+        slices = torch.arange(num_slices)
+        if inside is not None:
+            slices = slices[inside.movedim(dim, 0).flatten(1).any(dim=1)]
         was_training = self.network.training
         self.network.eval()
         try:
             with torch.inference_mode():
-                for start in range(0, num_slices, self.batch_size):
-                    count = min(self.batch_size, num_slices - start)
-                    block = data.narrow(dim, start, count).movedim(dim, 0)  # (n, C, H, W)
+                for batch in slices.split(self.batch_size):
+                    block = data.index_select(dim, batch).movedim(dim, 0)  # (n, C, H, W)
                     block = torch.rot90(block, self.quarter_turns, dims=(2, 3)).to(self.device, torch.float32)
                     maps = torch.rot90(self._slice_maps(block), -self.quarter_turns, dims=(2, 3)).cpu()
                     if inside is not None:
-                        maps = maps * inside.narrow(dim, start, count).movedim(dim, 0)
-                    slice_scores[start : start + count] = image_score(maps, self.score_mode).double().numpy()
-                    map_region.narrow(dim, start, count).copy_(maps.movedim(0, dim))
+                        maps = maps * inside.index_select(dim, batch).movedim(dim, 0)
+                    slice_scores[batch.numpy()] = image_score(maps, self.score_mode).double().numpy()
+                    map_region.index_copy_(dim, batch, maps.movedim(0, dim))
         finally:
             self.network.train(was_training)
         if isinstance(volume, MetaTensor):  # its meta holds the affine
