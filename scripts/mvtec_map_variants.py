@@ -101,7 +101,8 @@ def study_run(bundle_root, overrides, dataset_dir, run_dir, seed) -> list[dict]:
         tst = score(test[upsampling], test["labels"], test["masks"], stats, weights, sigma)
         rows.append({
             "upsampling": upsampling, "normalization": normalization, "level_weights": list(weights), "sigma": sigma,
-            "validation_score": float(np.mean([val[key] for key in ("image_auroc", "pixel_auroc", "aupro")])), "validation": val, "test": tst,
+            "validation_score": float(np.mean([val[key] for key in ("image_auroc", "pixel_auroc", "aupro")])),
+            "validation": val, "test": tst,
         })
     return rows
 

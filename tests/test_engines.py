@@ -159,7 +159,7 @@ def test_threshold_from_map_maxima_for_a_top_pixels_score(use_map_maximum):
     normal = maps[labels == 0].flatten(1).amax(dim=1) if use_map_maximum else scores[labels == 0]
     assert float(network.threshold) == pytest.approx(float(normal.max()))
     masks = maps[labels == 0] >= network.threshold
-    # from the maxima, no normal image gets a marked pixel above the quantile; from the top-1% means, most do
+    # from the maxima only the normal image that sets the threshold (quantile 1) reaches it; from the top-1% means, more do
     assert (int(masks.flatten(1).any(dim=1).sum()) == 1) == use_map_maximum
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from monai.data import MetaTensor
 from conftest import MedianDeviationNet
 
 from multiad_monai.data import DatasetError, check_image_label_pair, load_volume, multimodal_volume
+from multiad_monai.data.nifti_io import save_nifti as save_nifti_gzip
 from multiad_monai.inferers import VolumeAnomalyInferer, write_volume_outputs
 from multiad_monai.transforms import (
     CheckFinited,
@@ -415,6 +417,18 @@ def test_written_outputs_reload_with_the_affine(loaded, tmp_path):
 
 
 @pytest.mark.real_data
+def test_save_nifti_writes_nibabels_bytes_gzipped(tmp_path):
+    image = nib.Nifti1Image(np.random.default_rng(0).random(SHAPE, dtype=np.float32), AFFINE)
+    save_nifti_gzip(image, str(tmp_path / "fast.nii.gz"))
+    nib.save(image, str(tmp_path / "nibabel.nii.gz"))
+    with gzip.open(tmp_path / "fast.nii.gz") as fast, gzip.open(tmp_path / "nibabel.nii.gz") as plain:
+        assert fast.read() == plain.read()
+    reread = nib.load(str(tmp_path / "fast.nii.gz"))
+    np.testing.assert_array_equal(reread.get_fdata(dtype=np.float32), image.get_fdata(dtype=np.float32))
+    save_nifti_gzip(image, str(tmp_path / "again.nii.gz"))  # no timestamp: the same image gives the same file
+    assert (tmp_path / "again.nii.gz").read_bytes() == (tmp_path / "fast.nii.gz").read_bytes()
+
+
 def test_sampler_reproduces_the_bmad_brain_slices():
     """The shared BMAD slices were cut from the BraTS volumes; the presets and the sampler give the same set."""
     from PIL import Image

@@ -33,6 +33,7 @@ from multiad_monai.apps.bundle_session import BundleInferenceSession
 from multiad_monai.apps.cli import bundle_configs, defines_key, root_cause
 from multiad_monai.data.errors import DatasetError
 from multiad_monai.data.mvtec import IMAGE_EXTENSIONS
+from multiad_monai.data.nifti_io import save_nifti
 
 __all__ = ["MultiADInferTask", "store_heatmap_in_dicomweb"]
 
@@ -82,7 +83,7 @@ def _threshold_volume_map(map_path: str, threshold: float, label_path: str) -> N
     mask = (np.asarray(heatmap.dataobj, dtype=np.float32) >= threshold).astype(np.uint8)
     image = nib.Nifti1Image(mask, heatmap.affine, heatmap.header)
     image.set_data_dtype(np.uint8)
-    nib.save(image, label_path)
+    save_nifti(image, label_path)
 
 
 def _cached_series_folder(datastore: Any, series_uid: str) -> str:

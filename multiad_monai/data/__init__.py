@@ -1,5 +1,6 @@
 from .demo import make_demo_dataset
 from .errors import CheckpointError, DatasetError
+from .nifti_io import save_nifti
 from .mvtec import check_datalist, mvtec_datalist, readable_datalist, report_skipped_files, split_train_validation
 from .sources import image_folder_datalist, resolve_dataset_dir, synthetic_validation_datalist
 from .bmad import bmad_datalist

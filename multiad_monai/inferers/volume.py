@@ -18,6 +18,7 @@ from monai.utils import convert_to_tensor
 
 from multiad_monai.atomic import atomic_path
 from multiad_monai.data.errors import DatasetError
+from multiad_monai.data.nifti_io import save_nifti
 from multiad_monai.inferers.anomaly_map import image_score
 from multiad_monai.networks.seresnet import IMAGENET_MEAN, IMAGENET_STD
 from multiad_monai.transforms.channels import source_name
@@ -45,7 +46,7 @@ class VolumeAnomalyInferer:
         score_mode: per-slice score from the slice map, ``"max"`` or ``"topk"`` (see ``image_score``).
         quarter_turns: in-plane 90-degree turns that make the slices look like the training images.
         device: where the network runs; None: the device of its first parameter (CPU if it has none).
-        mask_to_foreground: zero the map outside ``mask``.
+        mask_to_foreground: zero the map outside ``mask``; slices without foreground then skip the network.
         crop_to_foreground: run the network on the in-plane foreground box of ``mask`` only
             (:func:`~multiad_monai.transforms.foreground_box`), as the training slices were cut with the same
             setting; the map is zero outside the box.
@@ -175,9 +176,8 @@ def _atomic_save_nifti(path: str, array: np.ndarray, affine: np.ndarray) -> None
     image = nib.Nifti1Image(array, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    # The temporary name keeps the .nii.gz ending so that nibabel compresses it.
     with atomic_path(path, suffix=".nii.gz") as tmp:
-        nib.save(image, tmp)
+        save_nifti(image, tmp)
 
 
 def _finite_or_none(value: float) -> float | None:
