@@ -3,14 +3,15 @@ map upsampled, as the method does, or on features upsampled to the stride-4 grid
 before fusion (raw, per-level z-score against training normals, per-pixel z-score), level weights and smoothing.
 Each variant is scored on the run's validation set (held-out normals + synthetic defects) and on its test set.
 
-    python scripts/mvtec_map_variants.py --dataset_dir ../shared/data/mvtec_ad/bottle --override classic_map.json \
+    python scripts/mvtec_map_variants.py --dataset_dir ../shared/data/mvtec_ad/bottle \
         --run runs/mv3/bottle_seed0:0 --run runs/mv3/bottle_seed1:1 --output runs/mv3/bottle_map_variants.json
 
 Each ``--run`` is ``OUTPUT_DIR:SEED`` of a run trained with ``--override mvtec.json --set seed=SEED`` (the seed
 draws the held-out validation normals); ``--override`` adds config files to ``mvtec.json`` so that the network
-loads the run's weights (``classic_map.json`` for runs trained with the map of bundle 0.2.0). Only the trained
-teacher and student are used: every variant's statistics are fitted here, on the run's training normals. Prints and writes one JSON document: per run and variant the
-validation and test image AUROC, pixel AUROC and AUPRO, and the validation score (their mean) that chooses.
+loads the run's weights (``level_map.json`` for runs trained with the map of bundles 0.3.0-0.3.2; ``demo.json`` for
+the demo's). Only the trained teacher and student are used: every variant's statistics are fitted here, on the run's
+training normals. Prints and writes one JSON document: per run and variant the validation and test image AUROC,
+pixel AUROC and AUPRO, and the validation score (their mean) that chooses.
 """
 
 from __future__ import annotations
