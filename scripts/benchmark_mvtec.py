@@ -1,6 +1,7 @@
 """Benchmark of the 2D bundle on an MVTec-layout folder: training time, peak memory, test metrics,
 inference latency, and fusion/smoothing variants scored on validation (chosen there) and on test, each with the
-image AUROC of both image scores (map maximum and mean of the top 1%).
+image AUROC of both image scores (map maximum and mean of the top 1%); with ``--flip_variants``, each mean-fusion
+variant also with test-time flips (the mean of the image's and its mirror image's maps).
 
     python scripts/benchmark_mvtec.py --dataset_dir ../shared/data/mvtec_ad/bottle --output_dir runs/bench_bottle
 
@@ -46,14 +47,19 @@ def load_network(bundle_root, overrides, values):
     return network.eval().to(memory_format=torch.channels_last), parser
 
 
-def level_maps_of(network, dataset) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def level_maps_of(network, dataset, flip: bool = False) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Level maps ``(N, L, H, W)`` of ``dataset``, labels and masks; with ``flip``, the mean of each image's level maps
+    and its mirror image's, mirrored back (the network's ``test_time_flip`` for a linear fusion and smoothing)."""
     maps, labels, masks = [], [], []
     with torch.inference_mode():
         for start in range(0, len(dataset), 16):
             items = [dataset[i] for i in range(start, min(start + 16, len(dataset)))]
             images = to_device(torch.stack([torch.as_tensor(it["image"]) for it in items]), torch.device("cpu"), False, True)
-            teacher, student = network.features(images)
-            maps.append(network.map_generator.level_maps(teacher, student, images.shape[2:]).half())
+            level_maps = network.map_generator.level_maps(*network.features(images), images.shape[2:])
+            if flip:
+                mirrored = network.map_generator.level_maps(*network.features(images.flip(-1)), images.shape[2:])
+                level_maps = 0.5 * (level_maps + mirrored.flip(-1))
+            maps.append(level_maps.half())
             labels += [int(it["label"]) for it in items]
             masks.append(np.stack([np.asarray(it["mask"]) > 0.5 for it in items]))
     return torch.cat(maps), np.asarray(labels), np.concatenate(masks)
@@ -94,6 +100,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--skip_train", action="store_true", help="reuse OUTPUT_DIR/model.pt")
     ap.add_argument("--skip_variants", action="store_true", help="no fusion/sigma variants (needed without pixel masks)")
+    ap.add_argument("--flip_variants", action="store_true", help="also score each variant with test-time flips")
     args = ap.parse_args()
     values = {"dataset_dir": os.path.abspath(args.dataset_dir), "output_dir": os.path.abspath(args.output_dir)}
     values.update(parse_settings(args.set))
@@ -121,16 +128,19 @@ def main() -> None:
         return
     # fusion/smoothing variants: chosen on the validation set (held-out normals + synthetic defects)
     train_parser = parser_for(args.bundle_root, "train", args.override, values)
-    validation = level_maps_of(network, train_parser.get_parsed_content("validate#dataset"))
-    test = level_maps_of(network, eval_parser.get_parsed_content("dataset"))
     variants = []
     # z-scored levels (level_normalization "level" or "pixel") are signed: a product of them means nothing
     fusions = ("mean",) if getattr(network.map_generator, "level_normalization", "none") != "none" else ("mean", "product")
-    for fusion in fusions:
-        for sigma in (2.0, 4.0, 8.0):
-            val, tst = score_variant(*validation, fusion, sigma), score_variant(*test, fusion, sigma)
-            score = float(np.mean([val[key] for key in ("image_auroc", "pixel_auroc", "aupro")]))
-            variants.append({"fusion": fusion, "sigma": sigma, "validation_score": score, "validation": val, "test": tst})
+    for flip in (False, True) if args.flip_variants else (False,):
+        validation = level_maps_of(network, train_parser.get_parsed_content("validate#dataset"), flip)
+        test = level_maps_of(network, eval_parser.get_parsed_content("dataset"), flip)
+        # the product of mirrored-mean levels is not the mirrored mean of the product map: flips only with the mean
+        for fusion in ("mean",) if flip else fusions:
+            for sigma in (2.0, 4.0, 8.0):
+                val, tst = score_variant(*validation, fusion, sigma), score_variant(*test, fusion, sigma)
+                score = float(np.mean([val[key] for key in ("image_auroc", "pixel_auroc", "aupro")]))
+                variant = {"fusion": fusion, "sigma": sigma, "validation_score": score, "validation": val, "test": tst}
+                variants.append({**variant, "test_time_flip": True} if flip else variant)
     report["variants"] = variants
     report["variant_chosen_on_validation"] = max(variants, key=lambda v: v["validation_score"])
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
