@@ -199,3 +199,27 @@ def test_normal_statistics_cache_gives_the_same_fit_without_the_loader(tiny_demo
     small: list = []
     fit_normal_statistics(network, loader, max_images=5, cache=small, cache_bytes=1000)
     assert small == []  # more than cache_bytes: nothing kept, the next fit reads the loader again
+
+
+def test_epoch_metrics_line_keeps_the_baselines_apart_from_the_model(caplog):
+    """MONAI's StatsHandler flattens nested metrics, printing a baseline's image_auroc as the model's: the bundles'
+    evaluations log through log_epoch_metrics, which names each baseline."""
+    import json
+    import logging
+    import os
+    from types import SimpleNamespace
+
+    from multiad_monai.apps.bundles import BUNDLES_DIR
+    from multiad_monai.handlers import log_epoch_metrics, metrics_log_line
+
+    metrics = {"image_auroc": np.float32(0.95), "dice": 0.18, "baselines": {"feature_knn": {"image_auroc": 0.78}},
+               "per_case": {"case0": {"model": 0.9}}}
+    line = metrics_log_line(1, metrics)
+    assert line == "Epoch[1] Metrics -- dice: 0.1800 image_auroc: 0.9500 | baseline feature_knn -- image_auroc: 0.7800"
+    with caplog.at_level(logging.INFO, logger="StatsHandler"):
+        log_epoch_metrics(SimpleNamespace(state=SimpleNamespace(epoch=1, metrics=metrics)))
+    assert line in caplog.text
+    for bundle in ("multiad_2d", "multiad_medical"):
+        with open(os.path.join(BUNDLES_DIR, bundle, "configs", "evaluate.json")) as f:
+            stats = [h for h in json.load(f)["handlers"] if isinstance(h, dict) and h.get("_target_") == "StatsHandler"]
+        assert [h.get("epoch_print_logger") for h in stats] == ["$multiad_monai.handlers.log_epoch_metrics"], bundle

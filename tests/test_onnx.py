@@ -58,6 +58,25 @@ def test_onnx_export_gives_the_checkpoint_maps_and_scores(tiny_demo_dataset, tmp
             OnnxAnomalyNetwork(str(bad))
 
 
+@pytest.mark.slow
+def test_onnx_export_of_the_demo_map_with_test_time_flips(tmp_path):
+    """The demo's map (``demo.json``: upsampled features, per-pixel statistics, flips, top-1% score) exports as it runs."""
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(BUNDLE_ROOT, "evaluate", ["demo.json"]))
+    parser.update({"bundle_root": BUNDLE_ROOT, "image_size": 64})
+    network = parser.get_parsed_content("network_def").eval()
+    assert network.test_time_flip and parser.get_parsed_content("score_mode") == "topk"
+    model = OnnxAnomalyNetwork(export_onnx(network, str(tmp_path / "demo.onnx"), 64, score_mode="topk"))
+    images = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        eager_maps = network(images)
+    maps, scores = model.predict(images)
+    torch.testing.assert_close(maps, eager_maps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(scores, image_score(eager_maps, "topk"), atol=1e-4, rtol=0)
+    with torch.inference_mode():  # the flips matter: the image's own map alone is another one
+        assert not torch.allclose(network.single_map(images), eager_maps, atol=1e-4)
+
+
 @pytest.mark.real_data
 def test_onnx_maps_equal_the_checkpoint_on_real_bottle_images(tmp_path):
     """MVTec AD bottle test images at the real 256 px; top-k image score. The weights are a seeded, untrained

@@ -10,5 +10,6 @@ from .dicom_writer import DicomOutputWriter
 from .resume import RandomStates, ResumeHandler
 from .run_record import RunRecordWriter
 from .epoch_summary import EpochLossSummary
+from .metrics_log import log_epoch_metrics, metrics_log_line
 from .checkpoint import NetworkCheckpointLoader, load_exported_network, load_network_checkpoint, load_network_state, read_network_state
 from .report import EvaluationReportWriter, TensorBoardOverlayHandler, VolumeEvaluationReportWriter
