@@ -1,10 +1,17 @@
+import json
+import logging
+import os
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from monai.data import DataLoader, Dataset
 
 from multiad_monai.data import mvtec_datalist
-from multiad_monai.handlers import fit_learned_fusion, fit_normal_statistics, normalized_score, render_overlay
+from multiad_monai.apps.bundles import BUNDLES_DIR
+from multiad_monai.handlers import (fit_learned_fusion, fit_normal_statistics, log_epoch_metrics, metrics_log_line,
+                                   normalized_score, render_overlay)
 from multiad_monai.inferers import AnomalyMapGenerator
 from multiad_monai.networks import EfficientNetLiteEncoder, IntensityPrior, MultiAD, input_mean, input_std
 from multiad_monai.metrics import NormalFitScore
@@ -204,14 +211,6 @@ def test_normal_statistics_cache_gives_the_same_fit_without_the_loader(tiny_demo
 def test_epoch_metrics_line_keeps_the_baselines_apart_from_the_model(caplog):
     """MONAI's StatsHandler flattens nested metrics, printing a baseline's image_auroc as the model's: the bundles'
     evaluations log through log_epoch_metrics, which names each baseline."""
-    import json
-    import logging
-    import os
-    from types import SimpleNamespace
-
-    from multiad_monai.apps.bundles import BUNDLES_DIR
-    from multiad_monai.handlers import log_epoch_metrics, metrics_log_line
-
     metrics = {"image_auroc": np.float32(0.95), "dice": 0.18, "baselines": {"feature_knn": {"image_auroc": 0.78}},
                "per_case": {"case0": {"model": 0.9}}}
     line = metrics_log_line(1, metrics)
