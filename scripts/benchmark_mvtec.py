@@ -47,22 +47,23 @@ def load_network(bundle_root, overrides, values):
     return network.eval().to(memory_format=torch.channels_last), parser
 
 
-def level_maps_of(network, dataset, flip: bool = False) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Level maps ``(N, L, H, W)`` of ``dataset``, labels and masks; with ``flip``, the mean of each image's level maps
-    and its mirror image's, mirrored back (the network's ``test_time_flip`` for a linear fusion and smoothing)."""
-    maps, labels, masks = [], [], []
+def level_maps_of(network, dataset, flip: bool = False) -> tuple[dict[bool, torch.Tensor], np.ndarray, np.ndarray]:
+    """Level maps ``(N, L, H, W)`` of ``dataset`` keyed by ``False``, labels and masks; with ``flip`` also, keyed by
+    ``True``, the mean of each image's level maps and its mirror image's, mirrored back (the network's
+    ``test_time_flip`` for a linear fusion and smoothing). One pass over the data gives both."""
+    maps, labels, masks = {False: []} | ({True: []} if flip else {}), [], []
     with torch.inference_mode():
         for start in range(0, len(dataset), 16):
             items = [dataset[i] for i in range(start, min(start + 16, len(dataset)))]
             images = to_device(torch.stack([torch.as_tensor(it["image"]) for it in items]), torch.device("cpu"), False, True)
             level_maps = network.map_generator.level_maps(*network.features(images), images.shape[2:])
+            maps[False].append(level_maps.half())
             if flip:
                 mirrored = network.map_generator.level_maps(*network.features(images.flip(-1)), images.shape[2:])
-                level_maps = 0.5 * (level_maps + mirrored.flip(-1))
-            maps.append(level_maps.half())
+                maps[True].append((0.5 * (level_maps + mirrored.flip(-1))).half())
             labels += [int(it["label"]) for it in items]
             masks.append(np.stack([np.asarray(it["mask"]) > 0.5 for it in items]))
-    return torch.cat(maps), np.asarray(labels), np.concatenate(masks)
+    return {key: torch.cat(value) for key, value in maps.items()}, np.asarray(labels), np.concatenate(masks)
 
 
 def score_variant(level_maps, labels, masks, fusion: str, sigma: float) -> dict:
@@ -131,13 +132,14 @@ def main() -> None:
     variants = []
     # z-scored levels (level_normalization "level" or "pixel") are signed: a product of them means nothing
     fusions = ("mean",) if getattr(network.map_generator, "level_normalization", "none") != "none" else ("mean", "product")
-    for flip in (False, True) if args.flip_variants else (False,):
-        validation = level_maps_of(network, train_parser.get_parsed_content("validate#dataset"), flip)
-        test = level_maps_of(network, eval_parser.get_parsed_content("dataset"), flip)
+    val_maps, *validation = level_maps_of(network, train_parser.get_parsed_content("validate#dataset"), args.flip_variants)
+    test_maps, *test = level_maps_of(network, eval_parser.get_parsed_content("dataset"), args.flip_variants)
+    for flip in val_maps:
         # the product of mirrored-mean levels is not the mirrored mean of the product map: flips only with the mean
         for fusion in ("mean",) if flip else fusions:
             for sigma in (2.0, 4.0, 8.0):
-                val, tst = score_variant(*validation, fusion, sigma), score_variant(*test, fusion, sigma)
+                val = score_variant(val_maps[flip], *validation, fusion, sigma)
+                tst = score_variant(test_maps[flip], *test, fusion, sigma)
                 score = float(np.mean([val[key] for key in ("image_auroc", "pixel_auroc", "aupro")]))
                 variant = {"fusion": fusion, "sigma": sigma, "validation_score": score, "validation": val, "test": tst}
                 variants.append({**variant, "test_time_flip": True} if flip else variant)
