@@ -44,7 +44,8 @@ def load_network(bundle_root, overrides, values):
     parser = parser_for(bundle_root, "evaluate", overrides, values)
     network = parser.get_parsed_content("network")
     load_network_checkpoint(parser.get_parsed_content("ckpt_path"), network)
-    return network.eval().to(memory_format=torch.channels_last), parser
+    network.prepare_for_inference()  # as the evaluation and inference workflows run it
+    return network.to(memory_format=torch.channels_last), parser
 
 
 def level_maps_of(network, dataset, flip: bool = False) -> tuple[dict[bool, torch.Tensor], np.ndarray, np.ndarray]:

@@ -42,6 +42,7 @@ def test_session_builds_the_network_once_and_writes_what_multiad_infer_writes(br
     session = BundleInferenceSession(_bundle("multiad_medical"), str(run / "model.pt"), settings={"image_size": 64})
     network = session.network()
     assert session.builds == 1 and session.network() is network and len(encoders) == 2
+    assert network.inference_only  # the torch runtime serves the network with its batch norms folded
     for case in ("case001", "case002"):
         out = tmp_path / case
         session.run(input_path=os.path.join(cases, case, "flair.nii.gz"), inference_dir=str(out), output_dir=str(out))

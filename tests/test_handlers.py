@@ -6,12 +6,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.data import DataLoader, Dataset
 
 from multiad_monai.data import mvtec_datalist
 from multiad_monai.apps.bundles import BUNDLES_DIR
-from multiad_monai.handlers import (fit_learned_fusion, fit_normal_statistics, log_epoch_metrics, metrics_log_line,
-                                   normalized_score, render_overlay)
+from multiad_monai.handlers import (NetworkCheckpointLoader, fit_learned_fusion, fit_normal_statistics, log_epoch_metrics,
+                                   metrics_log_line, normalized_score, render_overlay)
 from multiad_monai.inferers import AnomalyMapGenerator
 from multiad_monai.networks import EfficientNetLiteEncoder, IntensityPrior, MultiAD, input_mean, input_std
 from multiad_monai.metrics import NormalFitScore
@@ -222,3 +223,25 @@ def test_epoch_metrics_line_keeps_the_baselines_apart_from_the_model(caplog):
         with open(os.path.join(BUNDLES_DIR, bundle, "configs", "evaluate.json")) as f:
             stats = [h for h in json.load(f)["handlers"] if isinstance(h, dict) and h.get("_target_") == "StatsHandler"]
         assert [h.get("epoch_print_logger") for h in stats] == ["$multiad_monai.handlers.log_epoch_metrics"], bundle
+
+
+def test_checkpoint_loader_prepares_the_network_for_inference(tmp_path):
+    def network():
+        return MultiAD(EfficientNetLiteEncoder(image_size=64), EfficientNetLiteEncoder(pretrained=False, image_size=64))
+
+    torch.manual_seed(0)
+    trained = network().eval()
+    torch.save({"network": trained.state_dict()}, tmp_path / "model.pt")
+    images = torch.rand(2, 3, 64, 64)
+    for prepare in (True, False):
+        loaded = network()
+        NetworkCheckpointLoader(str(tmp_path / "model.pt"), loaded, prepare_for_inference=prepare).attach(Engine(lambda engine, batch: None))
+        assert loaded.inference_only is prepare
+        with torch.no_grad():
+            assert torch.allclose(loaded.eval()(images), trained(images), atol=1e-5)
+    for bundle in ("multiad_2d", "multiad_medical"):  # evaluation and inference of both bundles run the folded network
+        for workflow in ("evaluate", "inference"):
+            with open(os.path.join(BUNDLES_DIR, bundle, "configs", f"{workflow}.json")) as f:
+                handlers = json.load(f)["handlers"]
+            loader = next(h for h in handlers if h["_target_"].endswith("NetworkCheckpointLoader"))
+            assert loader["prepare_for_inference"] is True, (bundle, workflow)

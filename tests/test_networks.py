@@ -18,6 +18,7 @@ from multiad_monai.networks import (
     MultiLevelDiscriminator,
     SEResNetEncoder,
     feature_discriminator,
+    fold_batch_norms,
     input_mean,
     input_std,
     lite_weights_path,
@@ -219,6 +220,40 @@ def test_test_time_flip_averages_the_mirrored_map():
         assert torch.allclose(flipped, 0.5 * (plain + mirrored), atol=1e-5)
         assert not torch.allclose(flipped, plain, atol=1e-4)  # a random student is not mirror-symmetric
         assert torch.allclose(network(images.flip(-1)).flip(-1), flipped, atol=1e-5)  # flip-invariant
+
+
+@pytest.mark.parametrize(
+    "make_encoders",
+    [
+        lambda: (EfficientNetLiteEncoder(image_size=64), EfficientNetLiteEncoder(pretrained=False, se_ratio=0.25, image_size=64)),
+        lambda: (SEResNetEncoder(width_divisor=4), SEResNetEncoder(width_divisor=4)),
+    ],
+    ids=["lite0", "seresnet"],
+)
+def test_prepared_for_inference_the_network_gives_the_same_map(make_encoders):
+    torch.manual_seed(0)
+    network = MultiAD(*make_encoders()).eval()
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:  # statistics far from the identity, so that a norm left out or folded wrongly shows
+        norm.running_mean.uniform_(-0.5, 0.5), norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.uniform_(0.5, 1.5), norm.bias.data.uniform_(-0.2, 0.2)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = network(images)
+        assert network.prepare_for_inference() == len(norms)
+        prepared = network(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())
+    assert torch.allclose(prepared, reference, atol=1e-5) and float(reference.abs().max()) > 0.1
+    network.eval()  # eval stays possible; training a folded network would silently train without its norms
+    with pytest.raises(RuntimeError, match="prepared for inference"):
+        network.train()
+
+
+def test_batch_norms_are_folded_in_eval_mode_only():
+    encoder = EfficientNetLiteEncoder(pretrained=False, image_size=64)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(encoder.train())
+    assert fold_batch_norms(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4)).eval()) == 0
 
 
 def test_input_statistics():

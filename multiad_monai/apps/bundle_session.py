@@ -197,6 +197,8 @@ class BundleInferenceSession:
             runtime = self.runtime_for(device)
             if runtime == "onnx":
                 network = self._onnx(network, workflow.parser)
+            elif hasattr(network, "prepare_for_inference"):
+                network.prepare_for_inference()
             self._networks[str(device)] = (network, version)
             self.builds += 1
             logger.info(f"Multi-AD network built and {self.ckpt_path} loaded on {device}, {runtime} (build {self.builds})")

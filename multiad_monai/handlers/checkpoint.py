@@ -103,6 +103,8 @@ class NetworkCheckpointLoader:
         map_location: device for the loaded tensors.
         settings: the config's values of the settings that prepare images and maps (``model_settings``),
             checked against the training's; None skips the check.
+        prepare_for_inference: then call the network's ``prepare_for_inference`` (Multi-AD: batch norms folded
+            into the convolutions), since evaluation and inference never train it.
     """
 
     def __init__(
@@ -111,14 +113,18 @@ class NetworkCheckpointLoader:
         network: torch.nn.Module,
         map_location: str | torch.device = "cpu",
         settings: Mapping[str, Any] | None = None,
+        prepare_for_inference: bool = True,
     ) -> None:
         self.load_path = load_path
         self.network = network
         self.map_location = map_location
         self.settings = settings
+        self.prepare_for_inference = prepare_for_inference
 
     def attach(self, engine: Engine) -> None:
         load_network_checkpoint(self.load_path, self.network, self.map_location, self.settings)
+        if self.prepare_for_inference and hasattr(self.network, "prepare_for_inference"):
+            self.network.prepare_for_inference()
 
 
 def load_exported_network(path: str, map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:

@@ -1,3 +1,4 @@
+from .batch_norm_folding import fold_batch_norms
 from .discriminator import FeatureDiscriminator, MultiLevelDiscriminator, feature_discriminator
 from .efficientnet_lite import LITE_INPUT_MEAN, LITE_INPUT_STD, EfficientNetLiteEncoder, lite_weights_path
 from .fusion import LearnedFusion

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from multiad_monai.inferers.anomaly_map import AnomalyMapGenerator
+from multiad_monai.networks.batch_norm_folding import fold_batch_norms
 from multiad_monai.networks.intensity_prior import IntensityPrior
 
 __all__ = ["MultiAD"]
@@ -28,6 +29,7 @@ class MultiAD(nn.Module):
     :meth:`distillation_map` the map of the method alone (without the intensity prior).
     Buffers ``threshold`` (anomalous when the image score, or a pixel of the map, is at or above it) and
     ``score_scale`` (spread of normal scores, for 0-1 normalised scores) are NaN until estimated.
+    :meth:`prepare_for_inference` makes a loaded network faster to run and unable to train.
     """
 
     def __init__(
@@ -52,8 +54,22 @@ class MultiAD(nn.Module):
         # set from normal validation images (NormalThresholdHandler) and saved with the weights
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.register_buffer("score_scale", torch.tensor(float("nan")))
+        self.inference_only = False
+
+    def prepare_for_inference(self) -> int:
+        """Folds the batch norms of teacher and student into their convolutions: the same maps (to float
+        rounding) for less work per image. The network is put in eval mode for good: training it raises, and
+        its state dict no longer has a checkpoint's keys. Call it after loading the weights. Returns the number
+        of norms folded.
+        """
+        self.eval()
+        folded = fold_batch_norms(self.teacher) + fold_batch_norms(self.student)
+        self.inference_only = True
+        return folded
 
     def train(self, mode: bool = True) -> "MultiAD":
+        if mode and self.inference_only:
+            raise RuntimeError("this network was prepared for inference (batch norms folded): build it again to train it.")
         super().train(mode)
         self.teacher.eval()  # BN statistics of the pretrained teacher must never move
         return self
