@@ -19,6 +19,7 @@ from multiad_monai.networks import (
     SEResNetEncoder,
     feature_discriminator,
     fold_batch_norms,
+    fold_zero_padding,
     input_mean,
     input_std,
     lite_weights_path,
@@ -243,10 +244,23 @@ def test_prepared_for_inference_the_network_gives_the_same_map(make_encoders):
         assert network.prepare_for_inference() == len(norms)
         prepared = network(images)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())
+    for pad in (m for m in network.modules() if isinstance(m, torch.nn.ConstantPad2d)):  # only TF's asymmetric "same" stays
+        assert pad.padding[0] != pad.padding[1]
     assert torch.allclose(prepared, reference, atol=1e-5) and float(reference.abs().max()) > 0.1
     network.eval()  # eval stays possible; training a folded network would silently train without its norms
     with pytest.raises(RuntimeError, match="prepared for inference"):
         network.train()
+
+
+def test_folding_a_3d_encoder_keeps_its_features():
+    torch.manual_seed(0)
+    encoder = EfficientNetLiteEncoder(pretrained=False, spatial_dims=3, in_channels=1, image_size=32).eval()
+    volume = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        reference = encoder(volume)
+        assert fold_batch_norms(encoder) > 0 and fold_zero_padding(encoder) > 0
+        folded = encoder(volume)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(folded, reference))
 
 
 def test_batch_norms_are_folded_in_eval_mode_only():

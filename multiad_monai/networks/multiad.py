@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from multiad_monai.inferers.anomaly_map import AnomalyMapGenerator
-from multiad_monai.networks.batch_norm_folding import fold_batch_norms
+from multiad_monai.networks.inference_folding import fold_batch_norms, fold_zero_padding
 from multiad_monai.networks.intensity_prior import IntensityPrior
 
 __all__ = ["MultiAD"]
@@ -57,13 +57,15 @@ class MultiAD(nn.Module):
         self.inference_only = False
 
     def prepare_for_inference(self) -> int:
-        """Folds the batch norms of teacher and student into their convolutions: the same maps (to float
-        rounding) for less work per image. The network is put in eval mode for good: training it raises, and
-        its state dict no longer has a checkpoint's keys. Call it after loading the weights. Returns the number
-        of norms folded.
+        """Folds the batch norms and symmetric zero paddings of teacher and student into their convolutions
+        (:mod:`~multiad_monai.networks.inference_folding`): the same maps (to float rounding) for less work per
+        image. The network is put in eval mode for good: training it raises, and its state dict no longer has a
+        checkpoint's keys. Call it after loading the weights. Returns the number of batch norms folded.
         """
         self.eval()
         folded = fold_batch_norms(self.teacher) + fold_batch_norms(self.student)
+        fold_zero_padding(self.teacher)
+        fold_zero_padding(self.student)
         self.inference_only = True
         return folded
 
