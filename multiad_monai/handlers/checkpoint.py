@@ -103,8 +103,8 @@ class NetworkCheckpointLoader:
         map_location: device for the loaded tensors.
         settings: the config's values of the settings that prepare images and maps (``model_settings``),
             checked against the training's; None skips the check.
-        prepare_for_inference: then call the network's ``prepare_for_inference`` (Multi-AD: batch norms folded
-            into the convolutions), since evaluation and inference never train it.
+        prepare_for_inference: then call the network's ``prepare_for_inference`` (Multi-AD: batch norms and
+            paddings folded into the convolutions), since evaluation and inference never train it.
     """
 
     def __init__(
